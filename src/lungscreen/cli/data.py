@@ -1,0 +1,147 @@
+"""`lungscreen data ...`: build, check and inspect manifests over public dataset folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Build one manifest from public chest-image datasets, find duplicates, synthesize phantoms, download sources.",
+                  no_args_is_help=True)
+out = Console()
+
+FOLDERS = typer.Argument(..., help="Data folders; every known layout found inside (up to 3 levels deep) is read.",
+                         exists=True, file_okay=False)
+
+
+@app.command()
+def build(
+    folders: list[Path] = FOLDERS,
+    out_path: Path = typer.Option(..., "--out", "-o", help="Manifest to write: OUT.parquet and OUT.csv (+ OUT.composition.csv, OUT.skips.csv)."),
+    ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test shares (patient clusters are assigned whole)."),
+    seed: int = typer.Option(0, help="Seed of the split: the same seed gives the same split."),
+    workers: int = typer.Option(2, min=1, help="Processes decoding images."),
+) -> None:
+    """Detect the sources in FOLDERS, merge them, split by patient and print the composition table.
+
+    Every image is decoded once: unreadable files are reported (OUT.skips.csv) and left out. Near-duplicates
+    (within and across sources) and images of one patient always land in the same split; a leakage guard
+    refuses the manifest otherwise.
+    """
+    from lungscreen.data.build import build_manifest
+    from lungscreen.data.composition import flat_composition
+    from lungscreen.data.manifest import manifest_paths, save_manifest
+    from lungscreen.data.splits import parse_ratios
+    from lungscreen.io.files import atomic_path
+
+    result = build_manifest(folders, ratios=parse_ratios(ratios), seed=seed, workers=workers)
+    for name, root in result.sources:
+        out.print(f"[dim]found[/] {name:<22} {root}")
+    parquet, csv = save_manifest(result.manifest, out_path)
+    stem = parquet.with_suffix("")
+    with atomic_path(stem.with_suffix(".composition.csv")) as temporary:
+        flat_composition(result.manifest).to_csv(temporary, index=False)
+    with atomic_path(stem.with_suffix(".skips.csv")) as temporary:
+        pd.DataFrame(result.skips.items, columns=["path", "reason"]).to_csv(temporary, index=False)
+    print_composition(result.manifest)
+    groups = result.manifest["dup_group"].replace("", pd.NA).dropna()
+    out.print(f"{len(result.manifest)} images, {result.manifest['patient_id'].nunique()} patients, "
+              f"{groups.nunique()} near-duplicate groups ({len(groups)} images), {len(result.skips)} skipped")
+    for reason, count in sorted(result.skips.by_reason().items(), key=lambda item: -item[1]):
+        out.print(f"  [yellow]skipped[/] {count:>5}  {reason}")
+    out.print(f"wrote {parquet} and {csv.name}")
+
+
+@app.command()
+def validate(manifest: Path = typer.Argument(..., help="Manifest (.parquet or .csv).")) -> None:
+    """Check a manifest's schema and that no patient or near-duplicate sits in two splits."""
+    from lungscreen.data.manifest import load_manifest
+    from lungscreen.data.splits import check_leakage
+
+    frame = load_manifest(manifest)
+    check_leakage(frame)
+    print_composition(frame)
+    out.print(f"[green]ok[/]: {len(frame)} images, {frame['patient_id'].nunique()} patients, no leakage")
+
+
+@app.command()
+def dedup(
+    inputs: list[Path] = typer.Argument(..., help="Data folders or a manifest (.parquet/.csv).", exists=True),
+    out_path: Path | None = typer.Option(None, "--out", "-o", help="CSV of every near-duplicate pair found."),
+    workers: int = typer.Option(2, min=1, help="Processes decoding images."),
+) -> None:
+    """Find near-duplicate images within and across sources (pHash + thumbnail correlation).
+
+    Two images are near-duplicates when their 64-bit pHashes differ in <= 4 bits, or in <= 10 bits with a
+    32x32 thumbnail correlation >= 0.95 (thresholds measured on the public sets; see lungscreen.data.dedup).
+    """
+    from lungscreen.data.build import collect_rows, inspect_images
+    from lungscreen.data.dedup import find_duplicates
+    from lungscreen.data.manifest import load_manifest, validate as check
+    from lungscreen.data.sources import Skips
+    from lungscreen.io.files import atomic_path
+
+    skips = Skips()
+    if len(inputs) == 1 and inputs[0].suffix in (".parquet", ".csv"):
+        frame = load_manifest(inputs[0])
+    else:
+        frame = check(collect_rows(inputs, skips)[0])
+    frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers)
+    pairs = find_duplicates(hashes, thumbnails)
+    table = pd.DataFrame({
+        "first": frame["image_path"].to_numpy()[[p.first for p in pairs]] if pairs else [],
+        "second": frame["image_path"].to_numpy()[[p.second for p in pairs]] if pairs else [],
+        "first_source": frame["source"].to_numpy()[[p.first for p in pairs]] if pairs else [],
+        "second_source": frame["source"].to_numpy()[[p.second for p in pairs]] if pairs else [],
+        "hash_distance": [p.distance for p in pairs],
+        "correlation": [round(p.correlation, 4) for p in pairs],
+    })
+    print_duplicates(table)
+    if out_path is not None:
+        with atomic_path(out_path) as temporary:
+            table.to_csv(temporary, index=False)
+        out.print(f"wrote {len(table)} pairs to {out_path}")
+
+
+def print_duplicates(pairs: pd.DataFrame) -> None:
+    """Pairs and distinct images involved, per pair of sources."""
+    table = Table(title="near-duplicates per source pair")
+    for column in ("source", "copied in", "pairs", "images (first)", "images (second)"):
+        table.add_column(column, justify="left" if column in ("source", "copied in") else "right")
+    if pairs.empty:
+        out.print("no near-duplicates found")
+        return
+    ordered = pairs.copy()
+    swap = ordered["first_source"] > ordered["second_source"]
+    ordered.loc[swap, ["first", "second", "first_source", "second_source"]] = ordered.loc[
+        swap, ["second", "first", "second_source", "first_source"]].to_numpy()
+    for (first, second), rows in ordered.groupby(["first_source", "second_source"]):
+        table.add_row(first, second if second != first else "(within)", str(len(rows)),
+                      str(rows["first"].nunique()), str(rows["second"].nunique()))
+    out.print(table)
+
+
+def print_composition(frame: pd.DataFrame) -> None:
+    """The composition table (images / patients per source x modality x label x split)."""
+    from lungscreen.data.composition import composition
+
+    counts = composition(frame)
+    splits = list(dict.fromkeys(counts.columns.get_level_values(0)))
+    table = Table(title="composition: images / patients")
+    for column in ("source", "modality", "label"):
+        table.add_column(column)
+    for split in splits:
+        table.add_column(split, justify="right")
+    for (source, modality, label), row in counts.iterrows():
+        table.add_row(source, modality, label, *(f"{row[(s, 'images')]} / {row[(s, 'patients')]}" for s in splits))
+    totals = [_images_and_patients(frame, split) for split in splits]
+    table.add_row("[bold]all", "", "", *totals)
+    out.print(table)
+
+
+def _images_and_patients(frame: pd.DataFrame, split: str) -> str:
+    rows = frame if split == "total" else frame[frame["split"] == ("" if split == "unsplit" else split)]
+    return f"{len(rows)} / {rows['patient_id'].nunique()}"

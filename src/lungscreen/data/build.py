@@ -1,0 +1,147 @@
+"""Build one manifest from data folders: detect sources, read, join, verify images, dedup, split, guard.
+
+Steps, each its own function so tests and later issues can reuse them:
+
+1. :func:`collect_rows` - find every known layout under the folders and read it with its adapter;
+   annotation-only sources (v7labs masks) are joined onto the rows of the source they annotate.
+2. :func:`inspect_images` - decode every image once (in parallel): unreadable files become reported
+   skips, readable ones get their size and a near-duplicate fingerprint.
+3. :func:`lungscreen.data.dedup.find_duplicates` - near-duplicate groups within and across sources.
+4. :func:`lungscreen.data.splits.assign_splits` + :func:`~lungscreen.data.splits.check_leakage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lungscreen.data.dedup import THUMBNAIL, DuplicatePair, duplicate_groups, find_duplicates, fingerprint
+from lungscreen.data.manifest import validate
+from lungscreen.data.sources import Skips, detect_sources, get_source
+from lungscreen.data.splits import assign_splits, check_leakage
+from lungscreen.errors import LungscreenError, SourceError
+from lungscreen.io.images import read_image
+from lungscreen.progress import track
+
+
+@dataclass
+class BuildResult:
+    """A built manifest and what was learnt on the way."""
+
+    manifest: pd.DataFrame
+    skips: Skips
+    sources: list[tuple[str, Path]]
+    duplicates: list[DuplicatePair] = field(default_factory=list)
+
+
+def collect_rows(folders: Sequence[str | Path], skips: Skips) -> tuple[pd.DataFrame, list[tuple[str, Path]]]:
+    """Detect and read every source layout under ``folders``; join annotation sources onto their images."""
+    found: list[tuple[str, Path]] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise SourceError(f"{folder}: not a folder")
+        found.extend(detect_sources(folder))
+    if not found:
+        raise SourceError(f"no known dataset layout found in {', '.join(map(str, folders))} "
+                          "(see `lungscreen data sources` for the layouts lungscreen reads)")
+    rows: list[dict] = []
+    annotations: list[tuple[str, list[dict]]] = []
+    for name, root in found:
+        adapter = get_source(name)
+        read = adapter.read(root, skips)
+        target = getattr(adapter, "joins", None)
+        if target:
+            annotations.append((target, read))
+        else:
+            rows.extend(read)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise SourceError("the folders hold no usable images")
+    for target, annotation_rows in annotations:
+        frame = join_annotations(frame, target, annotation_rows, skips)
+    return frame, found
+
+
+def join_annotations(frame: pd.DataFrame, target: str, annotations: list[dict], skips: Skips) -> pd.DataFrame:
+    """Fill fields (mask_path, ...) of ``target``-source rows from annotation rows matched by file name."""
+    names = frame["image_path"].map(lambda path: Path(path).name)
+    lookup = {name: index for index, name in names[frame["source"] == target].items()}
+    frame = frame.copy()
+    for annotation in annotations:
+        name = annotation["join_name"]
+        if name not in lookup:
+            skips.add(annotation.get("mask_path") or name, f"annotation for {name}: image not found in source {target!r}")
+            continue
+        for key, value in annotation.items():
+            if key == "join_name" or value in ("", None):
+                continue
+            if key not in frame.columns:
+                frame[key] = ""
+            frame.at[lookup[name], key] = value
+    return frame
+
+
+def _inspect(path: str) -> tuple[int, int, int, bytes] | str:
+    """Worker: decode one image and fingerprint it, or return why it cannot be read."""
+    try:
+        image = read_image(path)
+    except LungscreenError as error:
+        return getattr(error, "reason", str(error))
+    mark = fingerprint(image.pixels)
+    return image.width, image.height, mark.phash, mark.thumbnail.astype(np.float16).tobytes()
+
+
+def inspect_images(frame: pd.DataFrame, skips: Skips, workers: int = 2,
+                   show_progress: bool = True) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Decode every image: drop unreadable ones (reported), add width/height/phash columns.
+
+    Returns:
+        The readable rows, their uint64 pHashes and their float32 thumbnails (for dedup).
+    """
+    paths = frame["image_path"].tolist()
+    if workers > 1 and len(paths) > 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(track(pool.map(_inspect, paths, chunksize=32), "reading images", len(paths), show_progress))
+    else:
+        results = list(track(map(_inspect, paths), "reading images", len(paths), show_progress))
+    readable = np.array([not isinstance(result, str) for result in results], dtype=bool)
+    for path, result in zip(paths, results):
+        if isinstance(result, str):
+            skips.add(path, f"unreadable image: {result}")
+    kept = [result for result in results if not isinstance(result, str)]
+    frame = frame.loc[readable].reset_index(drop=True)
+    frame["width"] = [r[0] for r in kept]
+    frame["height"] = [r[1] for r in kept]
+    hashes = np.array([r[2] for r in kept], dtype=np.uint64)
+    frame["phash"] = [f"{h:016x}" for h in hashes]
+    thumbnails = np.frombuffer(b"".join(r[3] for r in kept), dtype=np.float16).reshape(-1, THUMBNAIL * THUMBNAIL)
+    return frame, hashes, thumbnails.astype(np.float32)
+
+
+def mark_duplicates(frame: pd.DataFrame, hashes: np.ndarray, thumbnails: np.ndarray) -> tuple[pd.DataFrame, list[DuplicatePair]]:
+    """Add a ``dup_group`` column ('' for images without a near-duplicate)."""
+    pairs = find_duplicates(hashes, thumbnails)
+    groups = duplicate_groups(len(frame), pairs)
+    frame = frame.copy()
+    frame["dup_group"] = [f"dup{g}" if g >= 0 else "" for g in groups]
+    return frame, pairs
+
+
+def build_manifest(folders: Sequence[str | Path], *, ratios: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
+                   workers: int = 2, show_progress: bool = True) -> BuildResult:
+    """The whole build: rows from every source, readable images only, duplicates grouped, split, guarded."""
+    skips = Skips()
+    frame, found = collect_rows(folders, skips)
+    frame = validate(frame)
+    frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers, show_progress=show_progress)
+    if frame.empty:
+        raise SourceError("no readable image in the folders")
+    frame, pairs = mark_duplicates(frame, hashes, thumbnails)
+    frame["split"] = assign_splits(frame, ratios=ratios, seed=seed)
+    check_leakage(frame)
+    return BuildResult(validate(frame), skips, found, pairs)

@@ -1,0 +1,17 @@
+"""Source adapters: one per public dataset layout, each reading the original files unchanged.
+
+Importing this package registers every adapter; :func:`detect_sources` then finds them in a folder.
+"""
+
+from lungscreen.data.sources import cohen  # noqa: F401  (registers)
+from lungscreen.data.sources.base import (
+    Skips,
+    SourceAdapter,
+    detect_sources,
+    get_source,
+    list_sources,
+    read_table,
+    register_source,
+)
+
+__all__ = ["Skips", "SourceAdapter", "detect_sources", "get_source", "list_sources", "read_table", "register_source"]

@@ -1,0 +1,43 @@
+"""The exceptions lungscreen raises on bad input.
+
+Every error a user can cause derives from :class:`LungscreenError`, so the command line prints it as one
+line instead of a traceback, and batch jobs can catch it per file and go on with the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LungscreenError(Exception):
+    """Base of every error caused by bad input (files, manifests, configs), not by a bug."""
+
+
+class ImageReadError(LungscreenError):
+    """An image file that cannot be read; the message names the file and the reason.
+
+    Attributes:
+        path: the file that failed.
+        reason: a short, specific reason ("truncated file", "not an image", ...).
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ManifestError(LungscreenError):
+    """A manifest or a metadata table that breaks the schema (missing column, unknown label, ...)."""
+
+
+class LeakageError(ManifestError):
+    """A patient, or a near-duplicate image, sits in more than one split."""
+
+
+class SourceError(LungscreenError):
+    """A dataset folder whose layout does not match the adapter reading it."""
+
+
+class ConfigError(LungscreenError):
+    """A configuration value that is missing or out of range; the message names the key."""

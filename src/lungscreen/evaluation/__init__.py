@@ -1,0 +1,1 @@
+"""Measuring models honestly: metrics with bootstrap confidence intervals."""

@@ -1,0 +1,49 @@
+"""File helpers shared by every writer: atomic writes and folder scans."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lungscreen.io.images import IMAGE_SUFFIXES
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    A crash or an exception never leaves a half-written output: either the old file or the new one.
+
+    Example:
+        >>> with atomic_path("out.csv") as tmp:        # doctest: +SKIP
+        ...     frame.to_csv(tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomic(target: str | Path, writer: Callable[[Path], object]) -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``target`` atomically."""
+    with atomic_path(target) as temporary:
+        writer(temporary)
+    return Path(target)
+
+
+def iter_image_files(*inputs: str | Path) -> Iterator[Path]:
+    """Image files named directly or found recursively under folders, sorted per folder."""
+    for item in map(Path, inputs):
+        if item.is_dir():
+            yield from sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield item

@@ -1,0 +1,22 @@
+"""Shared fixtures: the real public images in ../shared/data, skipped with a reason where absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing when pytest runs beside other work.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(os.environ.get("LUNGSCREEN_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (or $LUNGSCREEN_SHARED_DATA); skip where it is absent."""
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real public images not found at {SHARED_DATA} (set LUNGSCREEN_SHARED_DATA to use them)")
+    return SHARED_DATA
