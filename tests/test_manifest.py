@@ -43,6 +43,7 @@ def rows(count: int = 4, **overrides) -> pd.DataFrame:
     ("Pneumocystis", "fungal", "Pneumocystis"),
     ("Pneumonia/Fungal/Pneumocystis", "fungal", "Pneumocystis"),
     ("Pneumonia", "pneumonia", "Pneumonia"),
+    ("Lung Opacity", "pneumonia", "Lung Opacity"),
     ("No Finding", "normal", "No Finding"),
     ("ARDS", "other", "ARDS"),
     ("Pneumonia/Lipoid", "other", "Lipoid"),
@@ -60,6 +61,7 @@ def test_tasks() -> None:
     assert TASKS["covidx"].class_of("fungal") == "pneumonia"
     assert TASKS["covid-resnet"].class_of("pneumonia") is None  # cause unknown: not bacterial, not viral
     assert TASKS["binary"].index_of("COVID-19") == 1
+    assert TASKS["binary"].class_of("other") == "non-COVID"  # COVID-19 against everything else
     with pytest.raises(ManifestError, match="unknown task"):
         get_task("5-class")
 

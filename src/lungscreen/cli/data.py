@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Build one manifest from public chest-image datasets, find duplicates, synthesize phantoms, download sources.",
@@ -56,6 +57,21 @@ def build(
 
 
 @app.command()
+def sources() -> None:
+    """List the dataset layouts lungscreen reads (what `data build` detects in a folder)."""
+    from lungscreen.data.sources import get_source, list_sources
+
+    table = Table(title="known source layouts")
+    table.add_column("name")
+    table.add_column("modality")
+    table.add_column("layout")
+    for name in list_sources():
+        adapter = get_source(name)
+        table.add_row(name, adapter.modality, escape(adapter.description))
+    out.print(table)
+
+
+@app.command()
 def validate(manifest: Path = typer.Argument(..., help="Manifest (.parquet or .csv).")) -> None:
     """Check a manifest's schema and that no patient or near-duplicate sits in two splits."""
     from lungscreen.data.manifest import load_manifest
@@ -75,10 +91,9 @@ def dedup(
 ) -> None:
     """Find near-duplicate images within and across sources (pHash + thumbnail correlation).
 
-    Two images are near-duplicates when their 64-bit pHashes differ in <= 4 bits, or in <= 10 bits with a
-    32x32 thumbnail correlation >= 0.95 (thresholds measured on the public sets; see lungscreen.data.dedup).
+    Candidates are pairs whose 64-bit pHashes differ in <= 10 bits and whose 32x32 thumbnails correlate >= 0.94; a candidate is a duplicate when the thumbnails correlate >= 0.965, the hashes differ in <= 2 bits, or the fine detail (64x64 high-pass) correlates >= 0.7. The thresholds were measured on the public sets: see lungscreen.data.dedup.
     """
-    from lungscreen.data.build import collect_rows, inspect_images
+    from lungscreen.data.build import collect_rows, detail_reader, inspect_images
     from lungscreen.data.dedup import find_duplicates
     from lungscreen.data.manifest import load_manifest, validate as check
     from lungscreen.data.sources import Skips
@@ -90,7 +105,7 @@ def dedup(
     else:
         frame = check(collect_rows(inputs, skips)[0])
     frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers)
-    pairs = find_duplicates(hashes, thumbnails)
+    pairs = find_duplicates(hashes, thumbnails, detail_reader(frame["image_path"].tolist()))
     table = pd.DataFrame({
         "first": frame["image_path"].to_numpy()[[p.first for p in pairs]] if pairs else [],
         "second": frame["image_path"].to_numpy()[[p.second for p in pairs]] if pairs else [],

@@ -12,7 +12,7 @@ Steps, each its own function so tests and later issues can reuse them:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungscreen.data.dedup import THUMBNAIL, DuplicatePair, duplicate_groups, find_duplicates, fingerprint
+from lungscreen.data.dedup import THUMBNAIL, DuplicatePair, detail_image, duplicate_groups, find_duplicates, fingerprint
 from lungscreen.data.manifest import validate
 from lungscreen.data.sources import Skips, detect_sources, get_source
 from lungscreen.data.splits import assign_splits, check_leakage
@@ -123,9 +123,14 @@ def inspect_images(frame: pd.DataFrame, skips: Skips, workers: int = 2,
     return frame, hashes, thumbnails.astype(np.float32)
 
 
+def detail_reader(paths: Sequence[str]) -> Callable[[int], np.ndarray]:
+    """index -> high-pass detail image of that file, for the few pairs dedup cannot settle on thumbnails."""
+    return lambda index: detail_image(read_image(paths[index]).pixels)
+
+
 def mark_duplicates(frame: pd.DataFrame, hashes: np.ndarray, thumbnails: np.ndarray) -> tuple[pd.DataFrame, list[DuplicatePair]]:
     """Add a ``dup_group`` column ('' for images without a near-duplicate)."""
-    pairs = find_duplicates(hashes, thumbnails)
+    pairs = find_duplicates(hashes, thumbnails, detail_reader(frame["image_path"].tolist()))
     groups = duplicate_groups(len(frame), pairs)
     frame = frame.copy()
     frame["dup_group"] = [f"dup{g}" if g >= 0 else "" for g in groups]

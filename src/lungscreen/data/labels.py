@@ -65,7 +65,8 @@ TASKS: dict[str, Task] = {
     "binary": Task(
         "binary",
         ("non-COVID", "COVID-19"),
-        {NORMAL: "non-COVID", BACTERIAL: "non-COVID", VIRAL: "non-COVID", FUNGAL: "non-COVID", PNEUMONIA: "non-COVID", COVID: "COVID-19"},
+        {NORMAL: "non-COVID", BACTERIAL: "non-COVID", VIRAL: "non-COVID", FUNGAL: "non-COVID", PNEUMONIA: "non-COVID",
+         OTHER: "non-COVID", COVID: "COVID-19"},
         "binary COVID+/- (papers 000, 002): COVID-19 against everything else",
     ),
 }
@@ -89,7 +90,7 @@ _VIRUSES = {"sars", "mers", "mers-cov", "influenza", "varicella", "herpes", "vir
 _FUNGI = {"pneumocystis", "aspergillosis", "histoplasmosis", "fungal", "pcp"}
 _NORMAL = {"no finding", "normal", "no findings", "no_findings", "healthy"}
 _UNKNOWN = {"", "todo", "unknown", "pending", "nan", "none"}
-_OTHER = {"ards", "lipoid", "tuberculosis", "lung opacity", "other"}
+_OTHER = {"ards", "lipoid", "tuberculosis", "other"}
 _COVID = re.compile(r"covid|sars-cov-2|2019-ncov", re.IGNORECASE)
 
 
@@ -118,7 +119,7 @@ def canonical_from_finding(finding: object) -> tuple[str, str]:
             return BACTERIAL, _organism(fine)
     if parts and parts[-1] in _OTHER:
         return OTHER, fine
-    if "pneumonia" in lowered:
+    if "pneumonia" in lowered or "opacity" in lowered:  # RSNA / Radiography "Lung Opacity" = pneumonia (COVIDx)
         return PNEUMONIA, fine
     return OTHER, fine
 

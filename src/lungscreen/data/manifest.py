@@ -36,6 +36,7 @@ COLUMNS: dict[str, str] = {
     "view": "PA, AP, AP Supine, Lateral, Axial, Coronal or unknown",
     "modality": "CXR or CT",
     "mask_path": "lung mask file, or empty",
+    "mask_convention": "heart-excluded or behind-heart-included (how the mask set draws the lungs), or empty",
     "boxes": "JSON list of [x0, y0, x1, y1, label] in the box frame, or empty",
     "box_frame_width": "width of the pixel frame the boxes are in (0 without boxes)",
     "box_frame_height": "height of the pixel frame the boxes are in (0 without boxes)",
@@ -46,7 +47,7 @@ VIEWS = ("PA", "AP", "AP Supine", "Lateral", "Axial", "Coronal", "unknown")
 MODALITIES = ("CXR", "CT")
 SPLITS = ("train", "val", "test", "")
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine", "unknown")
-_DEFAULTS = {"fine_label": "", "view": "unknown", "modality": "CXR", "mask_path": "", "boxes": "",
+_DEFAULTS = {"fine_label": "", "view": "unknown", "modality": "CXR", "mask_path": "", "mask_convention": "", "boxes": "",
              "box_frame_width": 0, "box_frame_height": 0, "split": ""}
 
 
@@ -121,6 +122,8 @@ def validate(frame: pd.DataFrame, *, base: Path | None = None) -> pd.DataFrame:
             raise ManifestError(f"column {name!r} is empty in {int(blank.sum())} row(s), first at row {_first(blank)}")
     text_columns = [c for c in COLUMNS if c not in ("box_frame_width", "box_frame_height")]
     frame[text_columns] = frame[text_columns].fillna("").astype(str)
+    extra_text = [c for c in frame.columns if c not in COLUMNS and frame[c].dtype == object]
+    frame[extra_text] = frame[extra_text].fillna("")  # source-specific columns: blank where a source has none
     for name in ("box_frame_width", "box_frame_height"):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").fillna(0).astype("int64")
     _check_values(frame, "label", CANONICAL_LABELS)

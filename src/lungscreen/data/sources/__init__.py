@@ -3,7 +3,17 @@
 Importing this package registers every adapter; :func:`detect_sources` then finds them in a folder.
 """
 
-from lungscreen.data.sources import cohen  # noqa: F401  (registers)
+from lungscreen.data.sources import (  # noqa: F401  (each import registers its adapters)
+    agchung,
+    cohen,
+    covid_ct,
+    kermany,
+    lung_masks,
+    nih,
+    radiography,
+    rsna,
+    v7labs,
+)
 from lungscreen.data.sources.base import (
     Skips,
     SourceAdapter,

@@ -43,16 +43,16 @@ class CohenCollection(SourceAdapter):
     def read(self, folder: Path, skips: Skips) -> list[dict]:
         table = read_table(folder / "metadata.csv", ("patientid", "finding", "filename", "folder", "modality", "view"))
         boxes = self._lung_boxes(folder / LUNG_BOXES)
-        rows, seen = [], {}
+        rows, seen = [], set()
         for record in table.to_dict("records"):
             path = folder / record["folder"] / record["filename"]
             if not path.is_file():
                 skips.add(path, "listed in metadata.csv but file absent")
                 continue
             if path in seen:  # the June-2020 file lists a few images twice, under two patient ids
-                skips.add(path, f"listed twice in metadata.csv (patients {seen[path]} and {record['patientid']}); first kept")
+                skips.add(path, "listed twice in metadata.csv (under two patient ids); first row kept")
                 continue
-            seen[path] = record["patientid"]
+            seen.add(path)
             label, fine = canonical_from_finding(record["finding"])
             modality = "CT" if record["modality"].strip().upper() == "CT" else "CXR"
             row = new_row(path, label, self.patient(record["patientid"]), self.name, fine_label=fine,
