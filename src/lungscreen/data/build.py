@@ -12,7 +12,9 @@ Steps, each its own function so tests and later issues can reuse them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ class BuildResult:
     skips: Skips
     sources: list[tuple[str, Path]]
     duplicates: list[DuplicatePair] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
 
 
 def collect_rows(folders: Sequence[str | Path], skips: Skips) -> tuple[pd.DataFrame, list[tuple[str, Path]]]:
@@ -140,13 +143,25 @@ def mark_duplicates(frame: pd.DataFrame, hashes: np.ndarray, thumbnails: np.ndar
 def build_manifest(folders: Sequence[str | Path], *, ratios: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
                    workers: int = 2, show_progress: bool = True) -> BuildResult:
     """The whole build: rows from every source, readable images only, duplicates grouped, split, guarded."""
-    skips = Skips()
-    frame, found = collect_rows(folders, skips)
-    frame = validate(frame)
-    frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers, show_progress=show_progress)
+    skips, seconds = Skips(), {}
+    with _timed(seconds, "read sources"):
+        frame, found = collect_rows(folders, skips)
+        frame = validate(frame)
+    with _timed(seconds, "decode images"):
+        frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers, show_progress=show_progress)
     if frame.empty:
         raise SourceError("no readable image in the folders")
-    frame, pairs = mark_duplicates(frame, hashes, thumbnails)
-    frame["split"] = assign_splits(frame, ratios=ratios, seed=seed)
-    check_leakage(frame)
-    return BuildResult(validate(frame), skips, found, pairs)
+    with _timed(seconds, "near-duplicates"):
+        frame, pairs = mark_duplicates(frame, hashes, thumbnails)
+    with _timed(seconds, "split and guard"):
+        frame["split"] = assign_splits(frame, ratios=ratios, seed=seed)
+        check_leakage(frame)
+        frame = validate(frame)
+    return BuildResult(frame, skips, found, pairs, seconds)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - start
