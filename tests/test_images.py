@@ -324,6 +324,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with atomic_path(target) as temporary:
         temporary.write_text("new\n")
     assert target.read_text() == "new\n"
+    assert target.stat().st_mode & 0o044, "outputs are readable by others (umask permitting), not private temp files"
 
 
 def test_image_bytes_in_memory_roundtrip(tmp_path: Path) -> None:
