@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lungscreen.cli.data_download import download_command
+from lungscreen.cli.data_synth import synth_command
+from lungscreen.cli.output import stdout_console
+
 app = typer.Typer(help="Build one manifest from public chest-image datasets, find duplicates, synthesize phantoms, download sources.",
                   no_args_is_help=True)
-out = Console()
+app.command("synth")(synth_command)
+app.command("download")(download_command)
+out = stdout_console()
 
 FOLDERS = typer.Argument(..., help="Data folders; every known layout found inside (up to 3 levels deep) is read.",
                          exists=True, file_okay=False)
@@ -145,13 +150,13 @@ def print_composition(frame: pd.DataFrame) -> None:
 
     counts = composition(frame)
     splits = list(dict.fromkeys(counts.columns.get_level_values(0)))
-    table = Table(title="composition: images / patients")
+    table = Table(title="composition: images / patients", padding=(0, 1), collapse_padding=True)
     for column in ("source", "modality", "label"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for split in splits:
-        table.add_column(split, justify="right")
+        table.add_column(split, justify="right", no_wrap=True)
     for (source, modality, label), row in counts.iterrows():
-        table.add_row(source, modality, label, *(f"{row[(s, 'images')]} / {row[(s, 'patients')]}" for s in splits))
+        table.add_row(source, modality, label, *(f"{row[(s, 'images')]}/{row[(s, 'patients')]}" for s in splits))
     totals = [_images_and_patients(frame, split) for split in splits]
     table.add_row("[bold]all", "", "", *totals)
     out.print(table)
@@ -159,4 +164,4 @@ def print_composition(frame: pd.DataFrame) -> None:
 
 def _images_and_patients(frame: pd.DataFrame, split: str) -> str:
     rows = frame if split == "total" else frame[frame["split"] == ("" if split == "unsplit" else split)]
-    return f"{len(rows)} / {rows['patient_id'].nunique()}"
+    return f"{len(rows)}/{rows['patient_id'].nunique()}"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-out = Console()
+from lungscreen.cli.output import stdout_console
+
+out = stdout_console()
 
 
 def demo(
@@ -41,10 +42,14 @@ def demo(
 
 
 def _synthesize(target: Path, n: int, seed: int) -> Path:
-    """Phantoms in real public layouts, written once and reused."""
+    """Phantoms in real public layouts; an identical earlier tree is reused, not rewritten."""
     from lungscreen.data.synth import synthesize
+    from lungscreen.progress import progress_bar
 
-    if not (target / "synth.json").is_file():
-        out.rule("0. synthetic phantoms")
-        synthesize(target, n=n, seed=seed)
+    out.rule("0. synthetic phantoms")
+    with progress_bar() as bar:
+        task = bar.add_task("phantoms", total=n)
+        result = synthesize(target, n, seed=seed, workers=2, progress=lambda done: bar.advance(task, done))
+    note = "reused" if result.cached else "written"
+    out.print(f"{result.images} phantoms {note} in {result.root} (sources: {', '.join(result.counts)})")
     return target

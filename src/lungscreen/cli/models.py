@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from lungscreen.cli.output import stdout_console
+
 app = typer.Typer(help="The model zoo: every network of the five papers, by name.", no_args_is_help=True)
-out = Console()
+out = stdout_console()
 
 
 @app.callback()

@@ -12,6 +12,7 @@ Steps, each its own function so tests and later issues can reuse them:
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -108,7 +109,8 @@ def inspect_images(frame: pd.DataFrame, skips: Skips, workers: int = 2,
     """
     paths = frame["image_path"].tolist()
     if workers > 1 and len(paths) > 64:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # "spawn": a forked child hangs in OpenCV when the parent has started OpenCV's thread pool.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(track(pool.map(_inspect, paths, chunksize=32), "reading images", len(paths), show_progress))
     else:
         results = list(track(map(_inspect, paths), "reading images", len(paths), show_progress))
