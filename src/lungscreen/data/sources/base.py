@@ -130,6 +130,11 @@ def read_table(path: Path, required: tuple[str, ...], **options) -> pd.DataFrame
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1", **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise SourceError(f"{path}: not a readable CSV table ({error})") from None
+    return require_columns(table, required, path)
+
+
+def require_columns(table: pd.DataFrame, required: tuple[str, ...], path: Path) -> pd.DataFrame:
+    """Strip the column names and check that ``required`` are there; the error names file and columns."""
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
@@ -139,5 +144,5 @@ def read_table(path: Path, required: tuple[str, ...], **options) -> pd.DataFrame
 
 __all__ = [
     "LungscreenError", "Skips", "SourceAdapter", "detect_sources", "get_source", "list_sources", "read_table",
-    "register_source",
+    "register_source", "require_columns",
 ]

@@ -33,9 +33,9 @@ import pandas as pd
 
 from lungscreen.data.labels import COVID, OTHER
 from lungscreen.data.manifest import new_row
-from lungscreen.data.sources.base import Skips, SourceAdapter, read_table, register_source
+from lungscreen.data.sources.base import Skips, SourceAdapter, read_table, register_source, require_columns
 from lungscreen.data.sources.common import blank, image_files
-from lungscreen.errors import ManifestError, SourceError
+from lungscreen.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,4 @@ def _read_meta(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         table = pd.read_excel(path, dtype=str)
     except (ValueError, OSError, KeyError) as error:  # openpyxl raises these for non-xlsx content
         raise SourceError(f"{path}: not a readable .xlsx workbook ({error})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(table.columns[:12])})")
-    return table
+    return require_columns(table, required, path)
