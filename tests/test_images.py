@@ -301,6 +301,13 @@ def test_read_mask_binarizes_and_resizes(tmp_path: Path) -> None:
     assert not mask[:, :39].any() and mask[:, 41:].all()
 
 
+def test_read_mask_zero_one_values(tmp_path: Path) -> None:
+    values = np.zeros((20, 20), np.uint8)
+    values[5:15, 5:15] = 1
+    mask = read_mask(save(Image.fromarray(values), tmp_path / "01.png"))
+    assert mask.sum() == 100
+
+
 def test_iter_image_files_recursive(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.png", "a/b/y.JPG", "a/b/notes.txt", "z.dcm"):

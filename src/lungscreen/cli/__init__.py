@@ -22,16 +22,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs re-flow to the terminal width
 )
 console = Console(stderr=True)
 
 
 def _register() -> None:
     """Attach every command group (imported here so each module stays independent)."""
-    from lungscreen.cli import data, demo  # noqa: F401
+    from lungscreen.cli import data, demo, models  # noqa: F401
 
     app.add_typer(data.app, name="data")
+    app.add_typer(models.app, name="models")
     app.command("demo")(demo.demo)
+    from lungscreen.cli import predict as predict_cli, train as train_cli  # noqa: E402
+
+    app.command("train")(train_cli.train)
+    app.command("tune")(train_cli.tune)
+    app.command("predict")(predict_cli.predict)
+    from lungscreen.cli import lungs as lungs_cli, preprocess as preprocess_cli  # noqa: E402
+
+    app.add_typer(lungs_cli.app, name="lungs")
+    app.command("preprocess")(preprocess_cli.preprocess)
 
 
 def main() -> None:

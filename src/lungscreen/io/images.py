@@ -90,7 +90,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     """Read a lung mask as a boolean array, optionally resized (nearest neighbour) to ``size``.
 
     A pixel is lung where the mask is brighter than mid-grey, so the v7labs "Ignore" value (127) counts as
-    background and 0/255 or 0/1-scaled masks work alike.
+    background; a mask stored as 0/1 (no value above 1) is lung wherever it is 1.
 
     Args:
         path: mask image file.
@@ -104,8 +104,10 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
             image = image.convert("L")
         if size is not None and image.size != tuple(size):
             image = image.resize(tuple(size), Image.NEAREST)
-        values = _to_unit_range(np.asarray(image))
-    return values > 0.5
+        raw = np.asarray(image)
+    if raw.size and raw.max() <= 1:
+        return raw > 0
+    return _to_unit_range(raw) > 0.5
 
 
 def _check_file(path: Path) -> None:

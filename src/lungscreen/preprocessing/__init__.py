@@ -1,0 +1,58 @@
+"""Preprocessing that removes dataset bias: intensity steps, lung masking, crops, named pipelines, a cache.
+
+Example:
+    >>> from lungscreen.preprocessing import get_pipeline
+    >>> pipeline = get_pipeline("tartaglione")                           # doctest: +SKIP
+    >>> pixels = pipeline(read_image("chest.png").pixels)                 # doctest: +SKIP
+
+See :mod:`lungscreen.preprocessing.pipelines` for the named chains and how a checkpoint carries one, and
+:mod:`lungscreen.preprocessing.cache` for ``preprocess_manifest`` / ``process_file``.
+"""
+
+from lungscreen.preprocessing.cache import (
+    PreprocessCache,
+    PreprocessResult,
+    preprocess_manifest,
+    process_file,
+    run_file,
+)
+from lungscreen.preprocessing.pipelines import (
+    PIPELINES,
+    Pipeline,
+    get_pipeline,
+    list_pipelines,
+    load_pipeline,
+)
+from lungscreen.preprocessing.transforms import (
+    LUNGS,
+    REFERENCE,
+    LungModelWarning,
+    PreprocessingError,
+    Sample,
+    Transform,
+    list_transforms,
+    register_transform,
+    transform_from_dict,
+)
+
+__all__ = [
+    "LUNGS",
+    "PIPELINES",
+    "REFERENCE",
+    "LungModelWarning",
+    "Pipeline",
+    "PreprocessCache",
+    "PreprocessResult",
+    "PreprocessingError",
+    "Sample",
+    "Transform",
+    "get_pipeline",
+    "list_pipelines",
+    "list_transforms",
+    "load_pipeline",
+    "preprocess_manifest",
+    "process_file",
+    "register_transform",
+    "run_file",
+    "transform_from_dict",
+]
