@@ -1,0 +1,1 @@
+"""Inference: batch prediction with a trained run."""
