@@ -128,8 +128,6 @@ def test_mask_rows_refuse_rows_without_a_convention():
 # --------------------------------------------------------------------------------------------------------
 
 def test_lung_unet_in_the_registry():
-    import lungscreen.models.unet  # noqa: F401
-
     model = create("lung_unet", num_classes=2, in_channels=1, channels=[4, 8, 16])
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     with pytest.raises(ValueError, match="multiples of 4"):

@@ -39,7 +39,7 @@ def build(
     """
     from lungscreen.data.build import build_manifest
     from lungscreen.data.composition import flat_composition
-    from lungscreen.data.manifest import manifest_paths, save_manifest
+    from lungscreen.data.manifest import save_manifest
     from lungscreen.data.splits import parse_ratios
     from lungscreen.io.files import atomic_path
 

@@ -55,31 +55,12 @@ def bootstrap_ci(
         groups: optional per-item cluster ids (patients); whole clusters are resampled, because images
             of one patient are not independent.
     """
-    if statistic is None:
-        statistic = _mean  # type: ignore[assignment]
-        if len(arrays) == 0:
-            raise ValueError("bootstrap_ci needs at least one array")
-    arrays = tuple(np.asarray(a) for a in arrays)
-    size = len(arrays[0])
-    if size == 0:
-        raise ValueError("bootstrap_ci needs at least one item")
-    if any(len(a) != size for a in arrays):
-        raise ValueError("bootstrap_ci arrays must have the same length")
-    value = float(statistic(*arrays))
-    rng = np.random.default_rng(seed)
-    clusters = _clusters(groups, size)
-    samples = []
-    for _ in range(n_resamples):
-        chosen = rng.integers(0, len(clusters), len(clusters))
-        index = np.concatenate([clusters[i] for i in chosen])
-        result = float(statistic(*(a[index] for a in arrays)))
-        if np.isfinite(result):
-            samples.append(result)
-    if not samples:
-        return Estimate(value, float("nan"), float("nan"), level)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(samples, [tail, 1.0 - tail])
-    return Estimate(value, float(low), float(high), level)
+    if len(arrays) == 0:
+        raise ValueError("bootstrap_ci needs at least one array")
+    single = statistic or _mean
+    figures = bootstrap_many(*arrays, statistic=lambda *a: {"value": float(single(*a))}, n_resamples=n_resamples,
+                             level=level, seed=seed, groups=groups)
+    return figures["value"]
 
 
 def _mean(values: np.ndarray) -> float:
@@ -187,9 +168,9 @@ def bootstrap_many(*arrays: np.ndarray, statistic: Callable[..., dict[str, float
     arrays = tuple(np.asarray(a) for a in arrays)
     size = len(arrays[0])
     if size == 0:
-        raise ValueError("bootstrap_many needs at least one item")
+        raise ValueError("bootstrap needs at least one item")
     if any(len(a) != size for a in arrays):
-        raise ValueError("bootstrap_many arrays must have the same length")
+        raise ValueError("bootstrap arrays must have the same length")
     point = statistic(*arrays)
     rng = np.random.default_rng(seed)
     clusters = _clusters(groups, size)

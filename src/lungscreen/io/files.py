@@ -8,6 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
+import numpy as np
+
+from lungscreen.errors import LungscreenError
 from lungscreen.io.images import IMAGE_SUFFIXES
 
 
@@ -44,6 +48,16 @@ def write_atomic(target: str | Path, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` and move the result onto ``target`` atomically."""
     with atomic_path(target) as temporary:
         writer(temporary)
+    return Path(target)
+
+
+def write_png(target: str | Path, pixels: np.ndarray) -> Path:
+    """Encode a uint8 array (grey or BGR) as PNG and write it atomically."""
+    ok, encoded = cv2.imencode(".png", pixels)
+    if not ok:
+        raise LungscreenError(f"{target}: PNG encoding failed")
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(encoded.tobytes())
     return Path(target)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 
 from lungscreen.errors import LungscreenError
-from lungscreen.io.files import atomic_path
+from lungscreen.io.files import write_png
 from lungscreen.io.images import read_image
 from lungscreen.lungs.evaluate import progress_or_quiet
 from lungscreen.preprocessing.transforms import to_uint8
@@ -30,14 +30,6 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     thickness = max(1, round(max(mask.shape) / 256))
     cv2.drawContours(picture, contours, -1, OUTLINE, thickness)
     return picture
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise LungscreenError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(encoded.tobytes())
 
 
 def segment_files(files: Sequence[Path], out_dir: Path, segmenter, *, batch_size: int = 16,

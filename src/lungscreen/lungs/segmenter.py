@@ -129,7 +129,6 @@ class UNetSegmenter:
             PreprocessingError: the file is not a lung segmentation model.
             WeightsError / UnsafeWeightsError: unreadable or unsafe file.
         """
-        import lungscreen.models.unet  # noqa: F401  (registers lung_unet)
         from lungscreen.models import load_checkpoint
 
         model, meta = load_checkpoint(path)

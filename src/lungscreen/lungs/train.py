@@ -223,7 +223,6 @@ def train_lung_model(frame: pd.DataFrame, out: str | Path, config: LungTrainConf
     """
     import torch
 
-    import lungscreen.models.unet  # noqa: F401  (registers lung_unet)
     from lungscreen.models import create, save_checkpoint
 
     config = config or LungTrainConfig()

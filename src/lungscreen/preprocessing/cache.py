@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from lungscreen.data.manifest import boxes_for_size, encode_boxes, save_manifest
 from lungscreen.errors import ImageReadError, LungscreenError
-from lungscreen.io.files import atomic_path
+from lungscreen.io.files import atomic_path, write_png
 from lungscreen.io.images import read_image
 from lungscreen.preprocessing.pipelines import Pipeline, load_pipeline
 from lungscreen.preprocessing.transforms import (
@@ -123,10 +122,10 @@ class PreprocessCache:
             record = {"ok": False, "error": str(error)}
         else:
             height, width = sample.image.shape
-            _write_png(item.image, to_uint8(sample.image))
+            write_png(item.image, to_uint8(sample.image))
             for name, suffix in ((REFERENCE, ".mask.png"), (LUNGS, ".lungs.png")):
                 if name in sample.masks:
-                    _write_png(item.path(suffix), sample.masks[name].astype(np.uint8) * 255)
+                    write_png(item.path(suffix), sample.masks[name].astype(np.uint8) * 255)
             boxes = [(*map(float, box), label) for box, label in zip(sample.boxes, sample.box_labels, strict=True)]
             record = {"ok": True, "width": width, "height": height, "boxes": encode_boxes(boxes),
                       "lung_method": sample.info.get("lung_method", ""),
@@ -140,14 +139,6 @@ class PreprocessCache:
         item = self.item(image_path, mask_path, _box_key(row))
         record = self.record(item)
         return item, record if record is not None else self.compute(item, image_path, mask_path, row)
-
-
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise PreprocessingError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(encoded.tobytes())
 
 
 def _box_key(row: dict | None) -> str:
