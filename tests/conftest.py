@@ -20,3 +20,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real public images not found at {SHARED_DATA} (set LUNGSCREEN_SHARED_DATA to use them)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_user_files(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or write the user's lung model, caches or data folders (results must not depend
+    on what this machine's user trained before)."""
+    home = tmp_path_factory.mktemp("user-files")
+    os.environ["LUNGSCREEN_LUNG_MODEL"] = str(home / "no-lung-model.pt")
+    os.environ["LUNGSCREEN_CACHE"] = str(home / "cache")
+    os.environ["XDG_DATA_HOME"] = str(home / "data")
+    os.environ["XDG_CACHE_HOME"] = str(home / "cache-home")

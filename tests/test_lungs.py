@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lungscreen.data.manifest import new_row, save_manifest
 from lungscreen.data.sources import Skips, get_source
 from lungscreen.data.sources.common import BEHIND_HEART, HEART_EXCLUDED
-from lungscreen.data.synth import render_phantom
+from lungscreen.data.phantoms import render_phantom
 from lungscreen.errors import LeakageError, ManifestError
 from lungscreen.lungs import (
     ClassicalSegmenter,

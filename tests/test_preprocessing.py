@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lungscreen.data.manifest import load_manifest, new_row, save_manifest
-from lungscreen.data.synth import render_phantom
+from lungscreen.data.phantoms import render_phantom
 from lungscreen.errors import ConfigError, ImageReadError
 from lungscreen.preprocessing import (
     LUNGS,

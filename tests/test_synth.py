@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lungscreen.data import synth
-from lungscreen.data.synth import PHANTOM_LABELS, Shortcut, render_phantom, synthesize
+from lungscreen.data import phantoms, synth
+from lungscreen.data.phantoms import PHANTOM_LABELS, Shortcut, render_phantom
+from lungscreen.data.synth import synthesize
 from lungscreen.errors import ConfigError
 from lungscreen.io import read_image, read_mask
 
@@ -109,10 +110,10 @@ def test_independent_phantoms_are_not_near_duplicates():
 
 
 def test_follow_ups_share_anatomy_but_not_the_film():
-    same = [synth._patient_anatomy(2, index, patient=77) for index in (0, 1)]
+    same = [phantoms._patient_anatomy(2, index, patient=77) for index in (0, 1)]
     assert all(np.array_equal(a, b) for a, b in zip(same[0].lungs, same[1].lungs)) and same[0].heart == same[1].heart
-    assert not np.array_equal(synth._patient_anatomy(2, 1, patient=78).lungs[0], same[0].lungs[0])
-    assert not np.array_equal(synth._patient_anatomy(2, 1, patient=None).lungs[0], same[0].lungs[0])
+    assert not np.array_equal(phantoms._patient_anatomy(2, 1, patient=78).lungs[0], same[0].lungs[0])
+    assert not np.array_equal(phantoms._patient_anatomy(2, 1, patient=None).lungs[0], same[0].lungs[0])
     first = render_phantom("normal", size=96, seed=2, index=0, patient=77)
     later = render_phantom("normal", size=96, seed=2, index=1, patient=77)
     assert not np.array_equal(first.image, later.image), "another film: pose, exposure and noise differ"

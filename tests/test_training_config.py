@@ -14,8 +14,8 @@ from lungscreen import models
 from lungscreen.errors import ConfigError
 from lungscreen.evaluation.metrics import classification_figures, classification_report
 from lungscreen.training.config import CONFIG_DIR, apply_overrides, from_dict, load_config
-from lungscreen.training.engine import prepare
 from lungscreen.training.optim import discriminative_rates, plan_groups
+from lungscreen.training.prepare import prepare
 from lungscreen.training.sampling import EpochSampler, balanced_class_weights
 
 

@@ -20,7 +20,8 @@ from training_fixtures import make_manifest, tiny_recipe, write_recipe
 from lungscreen.inference.predict import predict_paths
 from lungscreen.models import load_checkpoint
 from lungscreen.training.config import from_dict
-from lungscreen.training.engine import build_initial_model, train
+from lungscreen.training.engine import train
+from lungscreen.training.prepare import build_initial_model
 
 LUNGSCREEN = [sys.executable, "-m", "lungscreen"]
 

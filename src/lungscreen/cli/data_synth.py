@@ -76,7 +76,8 @@ def synth_command(
 
     Example: lungscreen data synth phantoms --n 2000 --shortcut marker --strength 0.8 --workers 2
     """
-    from lungscreen.data.synth import DEFAULT_LAYOUTS, Shortcut, synthesize
+    from lungscreen.data.phantoms import Shortcut
+    from lungscreen.data.synth import DEFAULT_LAYOUTS, synthesize
 
     planted = None
     if shortcut is not ShortcutKind.none:

@@ -43,8 +43,8 @@ def train(
     uninterrupted run would have.
     """
     from lungscreen.errors import ConfigError
-    from lungscreen.training.engine import prepare
     from lungscreen.training.engine import train as run_training
+    from lungscreen.training.prepare import prepare
 
     if resume is not None:
         result = run_training(None, resume=resume)  # type: ignore[arg-type]

@@ -532,7 +532,7 @@ def _float(value: Any, key: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks across fields (those needing the model zoo or the manifest run in engine.prepare)
+# Checks across fields (those needing the model zoo or the manifest run in prepare.prepare)
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_lr(value: Any, key: str) -> float | tuple[float, float] | str:

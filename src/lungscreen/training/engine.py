@@ -23,21 +23,20 @@ Distributed: under ``torchrun --nproc_per_node N`` the same command trains data-
 nccl on GPU). ``data.batch_size`` is the global batch, split over the processes; the sampler gives each
 process its part of every global batch, so the balancing holds; validation runs in full on every process
 (the sets are small) so all take the same early-stopping decision; only rank 0 writes.
+
+Preparation lives in :mod:`~lungscreen.training.prepare`, the run folder's files and log in
+:mod:`~lungscreen.training.run_folder`, the Lightning callbacks in :mod:`~lungscreen.training.callbacks` and
+MLflow tracking in :mod:`~lungscreen.training.tracking`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import math
 import os
-import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,423 +45,22 @@ import pandas as pd
 import yaml
 
 from lungscreen.data.labels import Task
-from lungscreen.errors import ConfigError, LungscreenError, ManifestError
+from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import write_atomic
-from lungscreen.training.config import DataConfig, TrainConfig, from_dict, resolve_task, to_raw
-
-REQUIRED_COLUMNS = ("image_path", "label", "patient_id", "source", "split")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_zero(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preparation: every check that can fail before the first step
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class StagePlan:
-    """The data of one stage: its task and its rows per split."""
-
-    task: Task
-    data: DataConfig
-    frames: dict[str, pd.DataFrame]
-
-
-@dataclass
-class Prepared:
-    config: TrainConfig
-    stages: list[StagePlan]
-    base_size: int
-    model: Any = None  # the stage-0 model built while checking (reused by a fresh run)
-    pipeline: Any = "none"  # the preprocessing of the run (name or dict)
-    already_applied: bool = False  # the manifest holds images `lungscreen preprocess` already made
-
-
-def manifest_pipeline(manifest: pd.DataFrame, path: str, configured: Any, key: str) -> tuple[Any, bool]:
-    """(pipeline, already applied) for a manifest: one written by `lungscreen preprocess` names its pipeline
-    in a ``pipeline`` column (and its full dict in ``<name>.pipeline.json`` beside it)."""
-    if "pipeline" not in manifest.columns or not (manifest["pipeline"].astype(str) != "").all():
-        return configured, False
-    names = sorted(set(manifest["pipeline"].astype(str)))
-    if len(names) > 1:
-        raise ConfigError(f"{key}.manifest: rows preprocessed by different pipelines ({', '.join(names)})")
-    name = names[0]
-    configured_name = configured.get("name") if isinstance(configured, dict) else configured
-    if configured_name not in (None, "none", name):
-        raise ConfigError(f"{key}.pipeline: {configured_name!r}, but the manifest {path} was already preprocessed "
-                          f"with {name!r}; set {key}.pipeline to {name} or none")
-    spec_file = Path(path).with_suffix("").parent / f"{name}.pipeline.json"
-    spec = read_json(spec_file) if spec_file.is_file() else name
-    return spec, True
-
-
-def manifest_columns(path: Path) -> list[str]:
-    """Column names of a manifest file without loading it (so a missing column is named first)."""
-    from lungscreen.data.manifest import manifest_paths
-
-    parquet, csv = manifest_paths(path)
-    if path.suffix != ".csv" and parquet.exists():
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(parquet).names)
-    if csv.exists():
-        return list(pd.read_csv(csv, nrows=0).columns)
-    raise ConfigError(f"data.manifest: no manifest at {path} (looked for {parquet.name} and {csv.name})")
-
-
-def load_stage_manifest(path: str, key: str, cache: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    from lungscreen.data.manifest import load_manifest
-
-    if path in cache:
-        return cache[path]
-    columns = manifest_columns(Path(path))
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ConfigError(f"{key}: manifest {path} lacks column(s) {', '.join(missing)} "
-                          f"(training needs {', '.join(REQUIRED_COLUMNS)}; build one with `lungscreen data build`)")
-    try:
-        cache[path] = load_manifest(path)
-    except ManifestError as error:
-        raise ConfigError(f"{key}: {error}") from None
-    return cache[path]
-
-
-def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: Task, key: str) -> dict[str, pd.DataFrame]:
-    from lungscreen.data.manifest import FRONTAL_VIEWS, for_task
-
-    views = tuple(data.views) if data.views else (FRONTAL_VIEWS if data.modality == "CXR" else None)
-    rows = for_task(manifest, task, modality=data.modality, views=views)
-    if data.sources:
-        unknown = sorted(set(data.sources) - set(manifest["source"]))
-        if unknown:
-            raise ConfigError(f"{key}.sources: {unknown[0]!r} is not a source of the manifest "
-                              f"({', '.join(sorted(set(manifest['source'])))})")
-        rows = rows[rows["source"].isin(data.sources)].reset_index(drop=True)
-    frames = {}
-    for split in (data.train_split, data.val_split, data.test_split):
-        frames[split] = rows[rows["split"] == split].reset_index(drop=True)
-    for split in (data.train_split, data.val_split):
-        if frames[split].empty:
-            raise ConfigError(f"{key}.manifest: no {split!r} rows for task {task.name} ({data.modality}); "
-                              "the manifest needs a split column with train and val images")
-    return frames
-
-
-def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool = True) -> Prepared:
-    """Check a recipe against the model zoo and the manifest; raise :class:`ConfigError` naming the key."""
-    from lungscreen import models
-    from lungscreen.training.data import build_augment, load_pipeline
-    from lungscreen.training.optim import selected_groups
-
-    name = config.model.name
-    if name not in models.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(name, models.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(models.list_models())}"
-        raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
-    info = models.model_info(name)
-    if info.task != "classification":
-        raise ConfigError(f"model.name: {name} is a {info.task} model; training recipes need a classification model")
-    # The built model knows its own minimum (architecture options such as conv8's padding change it).
-    model = build_initial_model(config, resolve_task(config.stage_data(0).task, "data.task")) if build_model else None
-    minimum = int(getattr(model, "min_input_size", info.min_input_size))
-    for index, stage in enumerate(config.stages):
-        if stage.image_size < minimum:
-            options = f" with options {config.model.options}" if config.model.options else ""
-            raise ConfigError(f"stages.{index}.image_size: {stage.image_size} is below the minimum input size "
-                              f"{minimum} of model {name}{options}")
-    if config.data.batch_size % env.world_size:
-        raise ConfigError(f"data.batch_size: the global batch {config.data.batch_size} does not divide by "
-                          f"{env.world_size} processes")
-    for index, stage in enumerate(config.stages):
-        if stage.init_from:
-            checkpoint_of(stage.init_from, f"stages.{index}.init_from")
-    manifests: dict[str, pd.DataFrame] = {}
-    plans = []
-    for index, stage in enumerate(config.stages):
-        data = config.stage_data(index)
-        key = f"stages.{index}.data" if stage.data else "data"
-        if not data.manifest:
-            raise ConfigError("data.manifest: no manifest given (set data.manifest or pass --manifest)")
-        task = resolve_task(data.task, f"{key}.task")
-        manifest = load_stage_manifest(data.manifest, f"{key}.manifest", manifests)
-        frames = stage_rows(manifest, data, task, key)
-        build_augment(data.augment, f"{key}.augment")
-        load_pipeline(data.pipeline, f"{key}.pipeline")
-        if data.balance.method == "covid_percent":
-            positive = task.classes.index(data.balance.positive_class)
-            if not (frames[data.train_split]["target"] == positive).any():
-                raise ConfigError(f"{key}.balance: covid_percent needs {data.balance.positive_class} images in the "
-                                  "training split")
-        plans.append(StagePlan(task, data, frames))
-    choices = {json.dumps(manifest_pipeline(manifests[p.data.manifest], p.data.manifest, p.data.pipeline,
-                                            "data"), sort_keys=True, default=str) for p in plans}
-    if len(choices) > 1:
-        raise ConfigError("data.pipeline: every stage must use the same preprocessing (the checkpoint stores one)")
-    pipeline, already = manifest_pipeline(manifests[plans[0].data.manifest], plans[0].data.manifest,
-                                          plans[0].data.pipeline, "data")
-    if model is not None:
-        groups = len(model.layer_groups())
-        for index, stage in enumerate(config.stages):
-            selected_groups(stage.train, groups, f"stages.{index}.train")
-    return Prepared(config, plans, max(s.image_size for s in config.stages), model, pipeline, already)
-
-
-def checkpoint_of(path: str, key: str) -> Path:
-    """A run folder's best.pt, or the checkpoint file itself."""
-    candidate = Path(path)
-    if candidate.is_dir():
-        candidate = candidate / "best.pt"
-    if not candidate.is_file():
-        raise ConfigError(f"{key}: no checkpoint at {path} (give a run folder with best.pt or a .pt file)")
-    return candidate
-
-
-def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
-    """The model a run starts from: fresh, ImageNet, a weights file, or another run's checkpoint."""
-    import torch
-
-    from lungscreen import models
-
-    torch.manual_seed(config.seed)  # the same recipe and seed start from the same weights
-    spec = config.model
-    weights, reset = spec.weights, spec.reset_head
-    if spec.init_from:
-        weights = str(checkpoint_of(spec.init_from, "model.init_from"))
-        reset = reset or _classes_in(weights) != list(task.classes)
-    try:
-        return models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels,
-                             pretrained=spec.pretrained, weights=weights, reset_head=reset, **spec.options)
-    except LungscreenError as error:
-        key = "model.pretrained" if spec.pretrained else "model.init_from" if spec.init_from else \
-            "model.weights" if spec.weights else "model"
-        raise ConfigError(f"{key}: {error}") from None
-
-
-def _classes_in(path: str) -> list[str] | None:
-    from lungscreen.models.weights import read_weights_file
-
-    _, meta = read_weights_file(path)
-    return None if meta is None else list(meta.get("class_names", []))
-
-
-def swap_head(model, spec, task: Task, *, current: tuple[str, ...] | None, reset: bool, seed: int = 0):  # noqa: ANN001, ANN201
-    """The same network with a fresh head for ``task`` when its classes differ from ``current`` (the classes
-    the model predicts now) or when ``reset`` asks for one; the model itself otherwise."""
-    from lungscreen import models
-    from lungscreen.models.weights import merge_state
-
-    if not reset and current is not None and tuple(current) == tuple(task.classes):
-        return model
-    if not reset and current is None and model.lungscreen_spec.num_classes == len(task.classes):
-        return model
-    import torch
-
-    torch.manual_seed(seed)
-    fresh = models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels, **spec.options)
-    merge_state(fresh, model.state_dict(), source="the previous stage", reset_head=True)
-    return fresh
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Run folder helpers
-# ---------------------------------------------------------------------------------------------------------
-
-def default_run_dir(config: TrainConfig, env: DistEnv) -> Path:
-    if env.distributed:
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        if run_id in ("", "none"):
-            raise ConfigError("--out: under torchrun give the run folder explicitly (every process must agree)")
-        return Path("runs") / f"{config.name}-{run_id}"
-    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def write_json(path: Path, content: Any) -> None:
-    text = json.dumps(content, indent=2, default=_plain)
-    write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-class _Tee:
-    def __init__(self, *streams: Any) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-    def isatty(self) -> bool:
-        return bool(getattr(self.streams[0], "isatty", lambda: False)())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.streams[0], name)
-
-
-@contextlib.contextmanager
-def run_log(path: Path | None) -> Iterator[None]:
-    """Copy everything printed (stdout, stderr, Lightning's log) to ``path``, appended."""
-    if path is None:
-        yield
-        return
-    import logging
-
-    with path.open("a", encoding="utf-8", buffering=1) as handle:
-        handler = logging.StreamHandler(handle)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lungscreen")]
-        for logger in loggers:
-            logger.addHandler(handler)
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(stdout, handle), _Tee(stderr, handle)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-            for logger in loggers:
-                logger.removeHandler(handler)
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's banners and the warnings that do not apply here (we choose 0 loader workers
-    on purpose: images are in memory; the run folder is reused on resume)."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*exists and is not empty.*",
-                        ".*is smaller than the logging interval.*", ".*ModelCheckpoint.*monitor.*",
-                        ".*module\\(s\\) in eval mode.*", ".*but have no `val_dataloader`.*"):
-            warnings.filterwarnings("ignore", message=pattern)
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Callbacks
-# ---------------------------------------------------------------------------------------------------------
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module does not import Lightning
-    import lightning as L
-
-    class EpochRecorder(L.Callback):
-        """Times each epoch and appends its row to metrics.csv (rank 0), forwarding it to a tracker."""
-
-        def __init__(self, run: RunContext, stage_index: int, offset: int, world_size: int) -> None:
-            self.run, self.stage_index, self.offset, self.world_size = run, stage_index, offset, world_size
-            self._start = self._train_seconds = 0.0
-            self._images = 0
-
-        def on_train_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
-            self._start, self._images = time.perf_counter(), 0
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            self._images += len(batch["label"]) * self.world_size
-
-        def on_validation_start(self, trainer, module) -> None:  # noqa: ANN001
-            if not trainer.sanity_checking:
-                self._train_seconds = time.perf_counter() - self._start
-
-        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
-            if trainer.sanity_checking or not module.last_validation:
-                return
-            seconds = time.perf_counter() - self._start
-            groups = trainer.optimizers[0].param_groups
-            row = {"stage": self.stage_index, "stage_name": module.stage.name, "epoch": trainer.current_epoch,
-                   "run_epoch": self.offset + trainer.current_epoch, "image_size": module.stage.image_size,
-                   "lr_first": groups[0]["lr"], "lr_last": groups[-1]["lr"], **module.last_validation,
-                   "train_seconds": round(self._train_seconds, 3), "epoch_seconds": round(seconds, 3),
-                   "images_per_s": round(self._images / self._train_seconds, 2) if self._train_seconds else float("nan")}
-            self.run.record_epoch(row)
-
-    class BestCheckpoint(L.Callback):
-        """Keeps best.pt: the epoch with the best ``monitor`` figure, ties broken by the lower val loss."""
-
-        def __init__(self, run: RunContext, stage_index: int) -> None:
-            self.run, self.stage_index = run, stage_index
-
-        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
-            if trainer.sanity_checking or not module.last_validation:
-                return
-            metric, mode = self.run.monitor
-            value = module.last_validation.get(metric, float("nan"))
-            tie = module.last_validation.get("val/loss", float("inf"))
-            if not _finite(value):
-                return
-            best = self.run.best
-            sign = 1.0 if mode == "max" else -1.0
-            if best and (sign * value, -tie) <= (sign * best["value"], -best["tie"]):
-                return
-            self.run.save_best(module, value=value, tie=tie, epoch=trainer.current_epoch, stage_index=self.stage_index)
-
-    class StopOnRequest(L.Callback):
-        """Stops the trainer when the run was asked to stop (a pruned search trial)."""
-
-        def __init__(self, run: RunContext) -> None:
-            self.run = run
-
-        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
-            if self.run.stop_requested:
-                trainer.should_stop = True
-
-    return EpochRecorder, BestCheckpoint, StopOnRequest
+from lungscreen.training.callbacks import is_finite, make_callbacks
+from lungscreen.training.config import TrainConfig, from_dict, to_raw
+from lungscreen.training.prepare import (
+    DistEnv,
+    Prepared,
+    StagePlan,
+    build_initial_model,
+    checkpoint_classes,
+    checkpoint_of,
+    prepare,
+    swap_head,
+)
+from lungscreen.training.run_folder import default_run_dir, quiet_lightning, read_json, run_log, say, write_json
+from lungscreen.training.tracking import MlflowTracker
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -532,7 +130,7 @@ class RunContext:
         stage = self.config.stages[stage_index]
         self.best = {"metric": self.monitor[0], "mode": self.monitor[1], "value": value, "tie": tie,
                      "stage": stage_index, "stage_name": stage.name, "epoch": epoch, "image_size": stage.image_size,
-                     "figures": {k: v for k, v in module.last_validation.items() if _finite(v)}}
+                     "figures": {k: v for k, v in module.last_validation.items() if is_finite(v)}}
         if not self.env.is_zero:
             return
         extra = {"image_size": stage.image_size, "task": self.prepared.stages[stage_index].task.name,
@@ -654,7 +252,7 @@ def _from_checkpoint(config: TrainConfig, path: str, task: Task, key: str):  # n
 
     torch.manual_seed(config.seed)
     weights = str(checkpoint_of(path, key))
-    reset = _classes_in(weights) != list(task.classes)
+    reset = checkpoint_classes(weights) != list(task.classes)
     spec = config.model
     return models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels, weights=weights,
                          reset_head=reset, **spec.options)
@@ -921,63 +519,3 @@ def _finish(context: RunContext, stage_reports: list[dict], preprocessor, stores
         if context.tracker is not None:
             context.tracker.finish(summary)
     return summary
-
-
-class MlflowTracker:
-    """Logs a run to MLflow (parameters once, each epoch's figures, the summary and best.pt at the end).
-
-    MLflow is an optional dependency (the ``dev`` extra), imported only when tracking is on. The MLflow
-    run id is kept in the run folder, so a resumed run continues the same MLflow run.
-    """
-
-    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
-        try:
-            import mlflow
-        except ImportError:
-            raise ConfigError("tracking.mlflow: MLflow is not installed (pip install 'lungscreen[dev]' or mlflow)") from None
-        self.client = mlflow.MlflowClient(tracking_uri=config.tracking.uri)
-        self.run_dir = run_dir
-        id_file = run_dir / "mlflow.json"
-        if id_file.exists():
-            self.run_id = read_json(id_file)["run_id"]
-            return
-        experiment = self.client.get_experiment_by_name(config.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.tracking.experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        write_json(id_file, {"run_id": self.run_id, "uri": config.tracking.uri})
-        from mlflow.entities import Param
-
-        raw = to_raw(config)
-        raw.pop("tune", None)  # the search space is not a parameter of this run
-        params = [Param(re.sub(r"[^\w\-. /]", "_", key), str(value)[:500]) for key, value in _flatten(raw).items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
-
-    def log_epoch(self, row: dict[str, Any]) -> None:
-        step = int(row["run_epoch"])
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and _finite(value) and key not in ("stage", "epoch", "run_epoch"):
-                self.client.log_metric(self.run_id, key, float(value), step=step)
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        for name, estimate in (summary.get("test") or {}).get("figures", {}).items():
-            if _finite(estimate["value"]):
-                self.client.log_metric(self.run_id, f"test/{name}", float(estimate["value"]))
-        for artifact in ("metrics.csv", "summary.json", "config.yaml"):
-            if (self.run_dir / artifact).exists():
-                self.client.log_artifact(self.run_id, str(self.run_dir / artifact))
-        self.client.set_terminated(self.run_id)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        out = {}
-        for index, item in enumerate(value):
-            out.update(_flatten(item, f"{prefix}.{index}"))
-        return out
-    return {prefix: value}

@@ -1,0 +1,86 @@
+"""The Lightning callbacks of a run: per-epoch metrics rows, best.pt, and stopping on request (pruning).
+
+Lightning is imported only inside :func:`make_callbacks`, so importing this module (and the CLI) stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lungscreen.training.engine import RunContext
+
+
+def is_finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module does not import Lightning
+    import lightning as L
+
+    class EpochRecorder(L.Callback):
+        """Times each epoch and appends its row to metrics.csv (rank 0), forwarding it to a tracker."""
+
+        def __init__(self, run: RunContext, stage_index: int, offset: int, world_size: int) -> None:
+            self.run, self.stage_index, self.offset, self.world_size = run, stage_index, offset, world_size
+            self._start = self._train_seconds = 0.0
+            self._images = 0
+
+        def on_train_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
+            self._start, self._images = time.perf_counter(), 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self._images += len(batch["label"]) * self.world_size
+
+        def on_validation_start(self, trainer, module) -> None:  # noqa: ANN001
+            if not trainer.sanity_checking:
+                self._train_seconds = time.perf_counter() - self._start
+
+        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
+            if trainer.sanity_checking or not module.last_validation:
+                return
+            seconds = time.perf_counter() - self._start
+            groups = trainer.optimizers[0].param_groups
+            row = {"stage": self.stage_index, "stage_name": module.stage.name, "epoch": trainer.current_epoch,
+                   "run_epoch": self.offset + trainer.current_epoch, "image_size": module.stage.image_size,
+                   "lr_first": groups[0]["lr"], "lr_last": groups[-1]["lr"], **module.last_validation,
+                   "train_seconds": round(self._train_seconds, 3), "epoch_seconds": round(seconds, 3),
+                   "images_per_s": round(self._images / self._train_seconds, 2) if self._train_seconds else float("nan")}
+            self.run.record_epoch(row)
+
+    class BestCheckpoint(L.Callback):
+        """Keeps best.pt: the epoch with the best ``monitor`` figure, ties broken by the lower val loss."""
+
+        def __init__(self, run: RunContext, stage_index: int) -> None:
+            self.run, self.stage_index = run, stage_index
+
+        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
+            if trainer.sanity_checking or not module.last_validation:
+                return
+            metric, mode = self.run.monitor
+            value = module.last_validation.get(metric, float("nan"))
+            tie = module.last_validation.get("val/loss", float("inf"))
+            if not is_finite(value):
+                return
+            best = self.run.best
+            sign = 1.0 if mode == "max" else -1.0
+            if best and (sign * value, -tie) <= (sign * best["value"], -best["tie"]):
+                return
+            self.run.save_best(module, value=value, tie=tie, epoch=trainer.current_epoch, stage_index=self.stage_index)
+
+    class StopOnRequest(L.Callback):
+        """Stops the trainer when the run was asked to stop (a pruned search trial)."""
+
+        def __init__(self, run: RunContext) -> None:
+            self.run = run
+
+        def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
+            if self.run.stop_requested:
+                trainer.should_stop = True
+
+    return EpochRecorder, BestCheckpoint, StopOnRequest

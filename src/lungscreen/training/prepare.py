@@ -1,0 +1,259 @@
+"""From a recipe to what a run needs: the process's place in a torchrun job, each stage's rows, the model.
+
+Everything here can fail before the first training step, so :func:`prepare` runs every check up front
+(the model zoo, the manifest's columns and splits, batch sizes, pipelines) and raises :class:`ConfigError`
+naming the recipe key; the run itself (:mod:`~lungscreen.training.engine`) then only trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lungscreen.data.labels import Task
+from lungscreen.errors import ConfigError, LungscreenError, ManifestError
+from lungscreen.training.config import DataConfig, TrainConfig, resolve_task
+from lungscreen.training.run_folder import read_json
+
+REQUIRED_COLUMNS = ("image_path", "label", "patient_id", "source", "split")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparation: every check that can fail before the first step
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """The data of one stage: its task and its rows per split."""
+
+    task: Task
+    data: DataConfig
+    frames: dict[str, pd.DataFrame]
+
+
+@dataclass
+class Prepared:
+    config: TrainConfig
+    stages: list[StagePlan]
+    base_size: int
+    model: Any = None  # the stage-0 model built while checking (reused by a fresh run)
+    pipeline: Any = "none"  # the preprocessing of the run (name or dict)
+    already_applied: bool = False  # the manifest holds images `lungscreen preprocess` already made
+
+
+def manifest_pipeline(manifest: pd.DataFrame, path: str, configured: Any, key: str) -> tuple[Any, bool]:
+    """(pipeline, already applied) for a manifest: one written by `lungscreen preprocess` names its pipeline
+    in a ``pipeline`` column (and its full dict in ``<name>.pipeline.json`` beside it)."""
+    if "pipeline" not in manifest.columns or not (manifest["pipeline"].astype(str) != "").all():
+        return configured, False
+    names = sorted(set(manifest["pipeline"].astype(str)))
+    if len(names) > 1:
+        raise ConfigError(f"{key}.manifest: rows preprocessed by different pipelines ({', '.join(names)})")
+    name = names[0]
+    configured_name = configured.get("name") if isinstance(configured, dict) else configured
+    if configured_name not in (None, "none", name):
+        raise ConfigError(f"{key}.pipeline: {configured_name!r}, but the manifest {path} was already preprocessed "
+                          f"with {name!r}; set {key}.pipeline to {name} or none")
+    spec_file = Path(path).with_suffix("").parent / f"{name}.pipeline.json"
+    spec = read_json(spec_file) if spec_file.is_file() else name
+    return spec, True
+
+
+def manifest_columns(path: Path) -> list[str]:
+    """Column names of a manifest file without loading it (so a missing column is named first)."""
+    from lungscreen.data.manifest import manifest_paths
+
+    parquet, csv = manifest_paths(path)
+    if path.suffix != ".csv" and parquet.exists():
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(parquet).names)
+    if csv.exists():
+        return list(pd.read_csv(csv, nrows=0).columns)
+    raise ConfigError(f"data.manifest: no manifest at {path} (looked for {parquet.name} and {csv.name})")
+
+
+def load_stage_manifest(path: str, key: str, cache: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    from lungscreen.data.manifest import load_manifest
+
+    if path in cache:
+        return cache[path]
+    columns = manifest_columns(Path(path))
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ConfigError(f"{key}: manifest {path} lacks column(s) {', '.join(missing)} "
+                          f"(training needs {', '.join(REQUIRED_COLUMNS)}; build one with `lungscreen data build`)")
+    try:
+        cache[path] = load_manifest(path)
+    except ManifestError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    return cache[path]
+
+
+def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: Task, key: str) -> dict[str, pd.DataFrame]:
+    from lungscreen.data.manifest import FRONTAL_VIEWS, for_task
+
+    views = tuple(data.views) if data.views else (FRONTAL_VIEWS if data.modality == "CXR" else None)
+    rows = for_task(manifest, task, modality=data.modality, views=views)
+    if data.sources:
+        unknown = sorted(set(data.sources) - set(manifest["source"]))
+        if unknown:
+            raise ConfigError(f"{key}.sources: {unknown[0]!r} is not a source of the manifest "
+                              f"({', '.join(sorted(set(manifest['source'])))})")
+        rows = rows[rows["source"].isin(data.sources)].reset_index(drop=True)
+    frames = {}
+    for split in (data.train_split, data.val_split, data.test_split):
+        frames[split] = rows[rows["split"] == split].reset_index(drop=True)
+    for split in (data.train_split, data.val_split):
+        if frames[split].empty:
+            raise ConfigError(f"{key}.manifest: no {split!r} rows for task {task.name} ({data.modality}); "
+                              "the manifest needs a split column with train and val images")
+    return frames
+
+
+def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool = True) -> Prepared:
+    """Check a recipe against the model zoo and the manifest; raise :class:`ConfigError` naming the key."""
+    from lungscreen import models
+    from lungscreen.training.data import build_augment, load_pipeline
+    from lungscreen.training.optim import selected_groups
+
+    name = config.model.name
+    if name not in models.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, models.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(models.list_models())}"
+        raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
+    info = models.model_info(name)
+    if info.task != "classification":
+        raise ConfigError(f"model.name: {name} is a {info.task} model; training recipes need a classification model")
+    # The built model knows its own minimum (architecture options such as conv8's padding change it).
+    model = build_initial_model(config, resolve_task(config.stage_data(0).task, "data.task")) if build_model else None
+    minimum = int(getattr(model, "min_input_size", info.min_input_size))
+    for index, stage in enumerate(config.stages):
+        if stage.image_size < minimum:
+            options = f" with options {config.model.options}" if config.model.options else ""
+            raise ConfigError(f"stages.{index}.image_size: {stage.image_size} is below the minimum input size "
+                              f"{minimum} of model {name}{options}")
+    if config.data.batch_size % env.world_size:
+        raise ConfigError(f"data.batch_size: the global batch {config.data.batch_size} does not divide by "
+                          f"{env.world_size} processes")
+    for index, stage in enumerate(config.stages):
+        if stage.init_from:
+            checkpoint_of(stage.init_from, f"stages.{index}.init_from")
+    manifests: dict[str, pd.DataFrame] = {}
+    plans = []
+    for index, stage in enumerate(config.stages):
+        data = config.stage_data(index)
+        key = f"stages.{index}.data" if stage.data else "data"
+        if not data.manifest:
+            raise ConfigError("data.manifest: no manifest given (set data.manifest or pass --manifest)")
+        task = resolve_task(data.task, f"{key}.task")
+        manifest = load_stage_manifest(data.manifest, f"{key}.manifest", manifests)
+        frames = stage_rows(manifest, data, task, key)
+        build_augment(data.augment, f"{key}.augment")
+        load_pipeline(data.pipeline, f"{key}.pipeline")
+        if data.balance.method == "covid_percent":
+            positive = task.classes.index(data.balance.positive_class)
+            if not (frames[data.train_split]["target"] == positive).any():
+                raise ConfigError(f"{key}.balance: covid_percent needs {data.balance.positive_class} images in the "
+                                  "training split")
+        plans.append(StagePlan(task, data, frames))
+    choices = {json.dumps(manifest_pipeline(manifests[p.data.manifest], p.data.manifest, p.data.pipeline,
+                                            "data"), sort_keys=True, default=str) for p in plans}
+    if len(choices) > 1:
+        raise ConfigError("data.pipeline: every stage must use the same preprocessing (the checkpoint stores one)")
+    pipeline, already = manifest_pipeline(manifests[plans[0].data.manifest], plans[0].data.manifest,
+                                          plans[0].data.pipeline, "data")
+    if model is not None:
+        groups = len(model.layer_groups())
+        for index, stage in enumerate(config.stages):
+            selected_groups(stage.train, groups, f"stages.{index}.train")
+    return Prepared(config, plans, max(s.image_size for s in config.stages), model, pipeline, already)
+
+
+def checkpoint_of(path: str, key: str) -> Path:
+    """A run folder's best.pt, or the checkpoint file itself."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / "best.pt"
+    if not candidate.is_file():
+        raise ConfigError(f"{key}: no checkpoint at {path} (give a run folder with best.pt or a .pt file)")
+    return candidate
+
+
+def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
+    """The model a run starts from: fresh, ImageNet, a weights file, or another run's checkpoint."""
+    import torch
+
+    from lungscreen import models
+
+    torch.manual_seed(config.seed)  # the same recipe and seed start from the same weights
+    spec = config.model
+    weights, reset = spec.weights, spec.reset_head
+    if spec.init_from:
+        weights = str(checkpoint_of(spec.init_from, "model.init_from"))
+        reset = reset or checkpoint_classes(weights) != list(task.classes)
+    try:
+        return models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels,
+                             pretrained=spec.pretrained, weights=weights, reset_head=reset, **spec.options)
+    except LungscreenError as error:
+        key = "model.pretrained" if spec.pretrained else "model.init_from" if spec.init_from else \
+            "model.weights" if spec.weights else "model"
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def checkpoint_classes(path: str) -> list[str] | None:
+    from lungscreen.models.weights import read_weights_file
+
+    _, meta = read_weights_file(path)
+    return None if meta is None else list(meta.get("class_names", []))
+
+
+def swap_head(model, spec, task: Task, *, current: tuple[str, ...] | None, reset: bool, seed: int = 0):  # noqa: ANN001, ANN201
+    """The same network with a fresh head for ``task`` when its classes differ from ``current`` (the classes
+    the model predicts now) or when ``reset`` asks for one; the model itself otherwise."""
+    from lungscreen import models
+    from lungscreen.models.weights import merge_state
+
+    if not reset and current is not None and tuple(current) == tuple(task.classes):
+        return model
+    if not reset and current is None and model.lungscreen_spec.num_classes == len(task.classes):
+        return model
+    import torch
+
+    torch.manual_seed(seed)
+    fresh = models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels, **spec.options)
+    merge_state(fresh, model.state_dict(), source="the previous stage", reset_head=True)
+    return fresh
