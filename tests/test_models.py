@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from lungscreen.errors import ConfigError
 from lungscreen.models import complexity, count_parameters, create, list_models, model_info
 
 # Two input sides per model: its minimum and a small training size. Conv8 keeps the authors' unpadded
@@ -166,3 +169,24 @@ def test_paper_heads() -> None:
 
     densenet = create("densenet121", num_classes=14)
     assert model_info("densenet121").task == "multilabel" and densenet.classifier.out_features == 14
+
+
+def test_resnet_width_scales_every_stage_and_keeps_the_contract() -> None:
+    narrow = create("resnet18", num_classes=3, width=32)
+    stage_widths = [layer[-1].conv2.out_channels for layer in (narrow.body.layer1, narrow.body.layer2,
+                                                                narrow.body.layer3, narrow.body.layer4)]
+    assert stage_widths == [32, 64, 128, 256] and narrow.body.conv1.out_channels == 32
+    assert narrow.features(torch.zeros(2, 1, 64, 64)).shape == (2, 256)
+    # a quarter of the convolution weights (the head is fixed-size)
+    assert 2.7e6 < count_parameters(narrow) < 2.9e6 and 11.2e6 < count_parameters(create("resnet18")) < 11.4e6
+    conv = narrow.body.layer3[0].conv1.weight  # torchvision's He-normal (fan-out) initialisation
+    assert abs(conv.std().item() - (2.0 / (conv.shape[0] * 9)) ** 0.5) < 0.05 * conv.std().item()
+    assert create("resnet50", num_classes=2, width=16).features(torch.zeros(1, 1, 64, 64)).shape == (1, 512)
+    with pytest.raises(ConfigError, match="width must be >= 1"):
+        create("resnet18", width=0)
+
+
+def test_imagenet_weights_need_the_published_width(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(ConfigError, match="shapes differ"):
+        create("resnet18", width=32, weights=tmp_path / "resnet18.pth")

@@ -421,11 +421,14 @@ def _find_lr(context: RunContext, index: int, stage_dir: Path, model, plan: Stag
 
 
 def measure_precision(model, image_size: int, batch_size: int, in_channels: int = 1, repeats: int = 3) -> dict[str, float]:  # noqa: ANN001
-    """Seconds per training step in float32 and in bf16 autocast (a copy of the model; best of ``repeats``)."""
+    """Seconds per training step in float32 and in bf16 autocast (a copy of the model; best of ``repeats``),
+    in the channels-last layout training uses."""
     import torch
 
-    probe = copy.deepcopy(model).train()
-    images = torch.rand(batch_size, in_channels, image_size, image_size)
+    from lungscreen.training.module import channels_last
+
+    probe = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
+    images = channels_last(torch.rand(batch_size, in_channels, image_size, image_size))
     labels = torch.zeros(batch_size, dtype=torch.long)
     optimizer = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad] or list(probe.parameters()), lr=0.0)
     timings = {}
