@@ -82,6 +82,17 @@ def run_recipe(name: str, manifest: Path, overrides: list[str]) -> dict:
     return result
 
 
+def recipe_shapes() -> list[tuple[str, tuple, int]]:
+    """(model, its options, image size) of every stage of the benchmarked recipes."""
+    from lungscreen.training.config import load_config
+
+    shapes = []
+    for recipe in RECIPES:
+        config = load_config(recipe)
+        shapes += [(config.model.name, dict(config.model.options), stage.image_size) for stage in config.stages]
+    return list(dict.fromkeys((name, tuple(options.items()), size) for name, options, size in shapes))
+
+
 def measure_bf16() -> list[dict]:
     """fp32 vs bf16-autocast seconds per training step (batch 32) for the recipes' models and sizes."""
     import torch
@@ -92,11 +103,10 @@ def measure_bf16() -> list[dict]:
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for name, size in (("resnet18", 64), ("resnet18", 96), ("resnet18", 128), ("squeezenet_ct", 160),
-                           ("covidnet_tiny", 128)):
+        for name, options, size in recipe_shapes():
             torch.manual_seed(0)
-            timing = measure_precision(models.create(name, num_classes=3), size, 32, repeats=3)
-            rows.append({"model": name, "image_size": size, "threads": threads,
+            timing = measure_precision(models.create(name, num_classes=3, **dict(options)), size, 32, repeats=3)
+            rows.append({"model": name, "options": dict(options), "image_size": size, "threads": threads,
                          "fp32_step_s": round(timing["fp32_step_s"], 4), "bf16_step_s": round(timing["bf16_step_s"], 4),
                          "bf16_speedup": round(timing["fp32_step_s"] / timing["bf16_step_s"], 2)})
     return rows
