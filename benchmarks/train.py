@@ -83,14 +83,15 @@ def run_recipe(name: str, manifest: Path, overrides: list[str]) -> dict:
 
 
 def recipe_shapes() -> list[tuple[str, tuple, int]]:
-    """(model, its options, image size) of every stage of the benchmarked recipes."""
+    """(model, its options as items, image size) of every stage of the benchmarked recipes, once each."""
     from lungscreen.training.config import load_config
 
     shapes = []
     for recipe in RECIPES:
         config = load_config(recipe)
-        shapes += [(config.model.name, dict(config.model.options), stage.image_size) for stage in config.stages]
-    return list(dict.fromkeys((name, tuple(options.items()), size) for name, options, size in shapes))
+        options = tuple(sorted(config.model.options.items()))
+        shapes += [(config.model.name, options, stage.image_size) for stage in config.stages]
+    return list(dict.fromkeys(shapes))
 
 
 def measure_bf16() -> list[dict]:

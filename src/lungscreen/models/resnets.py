@@ -13,7 +13,7 @@
 
 ``width`` (an option of every variant) sets the first stage's channels, each later stage doubling them, as
 in the ResNet paper's 64 (the default, the only width ImageNet weights fit). Narrower bodies are for CPUs:
-ResNet-18 at width 32 costs a third of the compute per image, so the same minutes train at a higher
+ResNet-18 at width 32 has a quarter of the MACs per image, so the same minutes train at a higher
 resolution or for more epochs.
 """
 
