@@ -1,5 +1,5 @@
 """Lung segmentation: post-processing on drawn shapes, masks and conventions, the loss, a smoke train on real
-pairs, the classical fallback, evaluation and the command line."""
+pairs through the training engine, the classical fallback, evaluation and the command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from lungscreen.data.sources import Skips, get_source
 from lungscreen.data.sources.common import BEHIND_HEART, HEART_EXCLUDED
 from lungscreen.data.phantoms import render_phantom
 from lungscreen.errors import LeakageError, ManifestError
+from lungscreen.cli.lungs import train_lung_model
+from lungscreen.data.labels import TASKS
+from lungscreen.evaluation.metrics import dice_iou
 from lungscreen.lungs import (
     ClassicalSegmenter,
     UNetSegmenter,
@@ -22,14 +25,13 @@ from lungscreen.lungs import (
     clean_mask,
     fill_holes,
     keep_largest_components,
-    load_pair,
     mask_rows,
-    read_reference_mask,
 )
-from lungscreen.lungs.evaluate import dice_iou, evaluate_segmenter, evaluation_rows
-from lungscreen.lungs.train import ConventionLoss, LungTrainConfig, train_lung_model
-from lungscreen.models import create
+from lungscreen.lungs.evaluate import evaluate_segmenter, evaluation_rows
+from lungscreen.models import create, load_checkpoint
 from lungscreen.preprocessing import PreprocessingError, get_pipeline
+from lungscreen.training.config import LossConfig
+from lungscreen.training.objectives import SegmentationObjective
 
 # --------------------------------------------------------------------------------------------------------
 # post-processing on drawn shapes
@@ -87,30 +89,26 @@ def save_gray(path, pixels: np.ndarray) -> str:
     return str(path)
 
 
-def test_reference_mask_reads_ignore_grey_and_resizes_nearest(tmp_path):
-    values = np.zeros((32, 32), np.uint8)
-    values[4:28, 4:14] = 255
-    values[4:28, 18:28] = 127       # v7labs "Ignore"
-    reference = read_reference_mask(save_gray(tmp_path / "m.png", values), (64, 64))
-    assert reference.lung.shape == (64, 64) and reference.lung.sum() == 48 * 20
-    assert reference.ignore.sum() == 48 * 20 and not (reference.lung & reference.ignore).any()
-    zero_one = read_reference_mask(save_gray(tmp_path / "z.png", values // 255), (32, 32))
-    assert zero_one.lung.sum() == 24 * 10
+def test_bad_pairs_are_left_out_of_training_with_their_reasons(tmp_path):
+    from lungscreen.training.data import ImageStore
 
-
-def test_bad_pairs_are_refused_with_clear_errors(tmp_path):
     image = save_gray(tmp_path / "i.png", render_phantom(size=64).image)
-    empty = save_gray(tmp_path / "empty.png", np.zeros((64, 64)))
-    with pytest.raises(PreprocessingError, match="empty lung mask"):
-        load_pair(image, empty, HEART_EXCLUDED, 64)
-    wide = save_gray(tmp_path / "wide.png", np.full((32, 64), 255))
-    with pytest.raises(PreprocessingError, match="does not fit an image of size 64x64"):
-        load_pair(image, wide, HEART_EXCLUDED, 64)
-    white = save_gray(tmp_path / "white.png", np.full((64, 64), 255))
-    with pytest.raises(PreprocessingError, match="blank image"):
-        load_pair(white, save_gray(tmp_path / "m.png", two_lungs() * 255), HEART_EXCLUDED, 64)
-    with pytest.raises(PreprocessingError, match="unknown mask convention"):
-        load_pair(image, save_gray(tmp_path / "m2.png", two_lungs() * 255), "lungs", 64)
+    good = save_gray(tmp_path / "good.png", two_lungs() * 255)
+    rows = [new_row(image, "normal", "p0", "x", mask_path=good, mask_convention=HEART_EXCLUDED)]
+    rows.append(new_row(image, "normal", "p1", "x", mask_path=save_gray(tmp_path / "empty.png", np.zeros((64, 64))),
+                        mask_convention=HEART_EXCLUDED))
+    rows.append(new_row(image, "normal", "p2", "x", mask_path=save_gray(tmp_path / "wide.png", np.full((32, 64), 255)),
+                        mask_convention=HEART_EXCLUDED))
+    rows.append(new_row(save_gray(tmp_path / "white.png", np.full((64, 64), 255)), "normal", "p3", "x", mask_path=good,
+                        mask_convention=HEART_EXCLUDED))
+    store = ImageStore(pd.DataFrame(rows), get_pipeline("equalize"), [32], with_masks=True)
+    store.load_all()
+    assert store.frame["patient_id"].tolist() == ["p0"]
+    reasons = [reason for _, reason in store.failures]
+    assert "empty lung mask" in reasons[0] and "does not fit an image of size 64x64" in reasons[1]
+    assert "blank image" in reasons[2]
+    sample = store.sample(0, 32)
+    assert sample.image.shape == (32, 32) and sample.masks["reference"].sum() == 2 * 22 * 10
 
 
 def test_mask_rows_refuse_rows_without_a_convention():
@@ -134,23 +132,44 @@ def test_lung_unet_in_the_registry():
         model(torch.zeros(1, 1, 30, 32))
 
 
-def test_convention_loss_uses_the_rows_channel_and_ignores_unknown_pixels():
-    criterion = ConventionLoss(containment_weight=0.0)
+def lung_batch(channels: list[int], ignore_corner: bool = False) -> dict[str, torch.Tensor]:
+    """Targets of the lungs task for square lungs drawn in the given convention channels."""
+    lung = np.zeros((8, 8), bool)
+    lung[2:6, 2:6] = True
+    ignore = np.zeros_like(lung)
+    ignore[0, 0] = ignore_corner
+    parts = [TASKS["lungs"].segmentation_targets(channel, lung, ignore) for channel in channels]
+    return {key: torch.from_numpy(np.stack([p[i] for p in parts])) for i, key in enumerate(("mask", "known", "labelled"))}
+
+
+def test_segmentation_loss_uses_the_rows_channel_and_ignores_unknown_pixels():
+    objective = SegmentationObjective(TASKS["lungs"], LossConfig(nested_weight=0.0))
     lung = torch.zeros(2, 1, 8, 8)
     lung[:, :, 2:6, 2:6] = 1
     logits = torch.where(lung.bool(), 10.0, -10.0).repeat(1, 2, 1, 1)
-    logits[0, 1] = -logits[0, 1]    # row 0 (convention 0): channel 1 is wrong but not its channel
-    logits[1, 0] = -logits[1, 0]    # row 1 (convention 1): channel 0 is wrong but not its channel
+    logits[0, 1] = -logits[0, 1]    # row 0 (channel 0): channel 1 is wrong but not its channel
+    logits[1, 0] = -logits[1, 0]    # row 1 (channel 1): channel 0 is wrong but not its channel
     logits.requires_grad_(True)
-    ignore = torch.zeros_like(lung)
-    loss = criterion(logits, lung, ignore, torch.tensor([0, 1]))
-    assert float(loss.detach()) < 0.01
-    wrong = criterion(logits.detach(), lung, ignore, torch.tensor([1, 0]))
-    assert float(wrong) > 1.0
-    ignore[:, :, 0, 0] = 1
-    loss = criterion(logits, lung, ignore, torch.tensor([0, 1]))
+    assert float(objective.loss(logits, lung_batch([0, 1])).detach()) < 0.01
+    assert float(objective.loss(logits.detach(), lung_batch([1, 0]))) > 1.0
+    loss = objective.loss(logits, lung_batch([0, 1], ignore_corner=True))
     loss.backward()
     assert logits.grad[:, :, 0, 0].abs().max() == 0  # no gradient from an "Ignore" pixel
+
+
+def test_nesting_teaches_the_other_channel_only_what_it_guarantees():
+    """A heart-excluded lung pixel is lung in the whole-lung channel; outside the whole lungs is outside
+    the visible fields; nothing else of the other channel is known."""
+    targets = lung_batch([0, 1])
+    inner, outer = 0, 1
+    known_outer = targets["known"][0, outer].bool()   # from a heart-excluded mask
+    assert (targets["mask"][0, outer][known_outer] == 1).all() and int(known_outer.sum()) == 16
+    known_inner = targets["known"][1, inner].bool()   # from a behind-heart-included mask
+    assert (targets["mask"][1, inner][known_inner] == 0).all() and int(known_inner.sum()) == 64 - 16
+    objective = SegmentationObjective(TASKS["lungs"], LossConfig(nested_weight=0.5))
+    logits = torch.zeros(2, 2, 8, 8, requires_grad=True)
+    objective.loss(logits, targets).backward()
+    assert logits.grad[0, outer][~known_outer].abs().max() == 0 and logits.grad[0, outer][known_outer].abs().min() > 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,25 +202,33 @@ def real_pairs(shared_data) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def smoke_model(real_pairs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("lungs") / "lung_unet.pt"
-    config = LungTrainConfig(size=64, epochs=1, batch_size=4, channels=(8, 16, 32), threads=1)
-    report = train_lung_model(real_pairs, path, config, progress=False, log=lambda line: None)
-    return path, report
+    """One epoch of the shipped lung recipe, shrunk, through the training engine and `lungs train`'s install."""
+    folder = tmp_path_factory.mktemp("lungs")
+    path = folder / "lung_unet.pt"
+    report = train_lung_model(None, path, frame=real_pairs, run_dir=folder / "run", overrides=[
+        "stages.0.epochs=1", "stages.0.image_size=64", "model.options.channels=[8, 16, 32]", "data.batch_size=4",
+        "threads=1", "precision=32"])
+    return path, report, folder / "run"
 
 
 def test_one_epoch_smoke_train_on_real_pairs(smoke_model):
-    path, report = smoke_model
-    assert path.is_file() and report.best_epoch == 1 and report.pairs == {"train": 16, "val": 4, "skipped": 0}
-    assert 0.0 <= report.val_dice <= 1.0 and np.isfinite(report.history[0]["loss"])
+    path, report, run = smoke_model
+    assert path.is_file() and report["epoch"] == 0 and report["metric"] == "val/dice"
+    assert 0.0 <= report["value"] <= 1.0
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.spec.head().kind == "segmentation" and checkpoint.spec.input.size == 64
+    assert checkpoint.spec.input.pipeline["name"] == "equalize"
+    assert len(pd.read_parquet(run / "masks.parquet")) == 24  # the mask rows the run trained on
     segmenter = UNetSegmenter.from_checkpoint(path, HEART_EXCLUDED)
     images = [np.random.default_rng(0).random((90, 70), dtype=np.float32), np.full((40, 50), 0.5, np.float32)]
+    images[1][10:20, 10:20] = 0.9
     masks = segmenter.segment_batch(images)
     assert [m.shape for m in masks] == [(90, 70), (40, 50)] and all(m.dtype == bool for m in masks)
-    assert segmenter.meta["class_names"] == [HEART_EXCLUDED, BEHIND_HEART]
+    assert segmenter.classes == [HEART_EXCLUDED, BEHIND_HEART]
 
 
 def test_evaluation_per_source_with_intervals_and_the_leakage_guard(smoke_model, real_pairs):
-    path, _ = smoke_model
+    path, _, _ = smoke_model
     segmenter = UNetSegmenter.from_checkpoint(path, HEART_EXCLUDED)
     rows = evaluation_rows(real_pairs, "test")
     report = evaluate_segmenter(segmenter, rows, progress=False, n_resamples=200)
@@ -216,7 +243,7 @@ def test_evaluation_per_source_with_intervals_and_the_leakage_guard(smoke_model,
 
 
 def test_tartaglione_pipeline_uses_the_trained_model_and_records_its_hash(smoke_model, monkeypatch, shared_data):
-    path, _ = smoke_model
+    path, _, _ = smoke_model
     monkeypatch.setenv("LUNGSCREEN_LUNG_MODEL", str(path))
     spec = get_pipeline("tartaglione").to_dict()
     step = next(s for s in spec["steps"] if s["name"] == "segment_lungs")
@@ -232,7 +259,7 @@ def test_lungs_commands(smoke_model, real_pairs, tmp_path):
     from lungscreen.cli import _register, app
 
     _register()
-    path, _ = smoke_model
+    path, _, _ = smoke_model
     save_manifest(real_pairs, tmp_path / "pairs")
     runner = CliRunner()
     result = runner.invoke(app, ["lungs", "evaluate", str(tmp_path / "pairs.parquet"), "--model", str(path),

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from model_specs import spec_for
+
 from lungscreen.cli.models import app
 from lungscreen.errors import ConfigError
 from lungscreen.models import (
@@ -100,9 +102,10 @@ def test_a_segmentation_model_registers_without_classifier_semantics(segmentatio
     assert list_models(task="segmentation") == ["lung_unet", segmentation_model]
     model = create(segmentation_model, num_classes=2, in_channels=1, width=6)
     assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)
-    path = save_checkpoint(tmp_path / "unet.pt", model, class_names=["left lung", "right lung"],
-                           preprocessing={"size": 16})
-    rebuilt, meta = load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "unet.pt", model, spec=spec_for(["left lung", "right lung"], kind="segmentation",
+                                                                    size=16))
+    loaded = load_checkpoint(path)
+    rebuilt, meta = loaded.model, loaded.meta
     assert meta["kwargs"] == {"width": 6}
     x = torch.rand(1, 1, 16, 16)
     torch.testing.assert_close(rebuilt(x), model.eval()(x))

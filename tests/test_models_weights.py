@@ -12,16 +12,19 @@ import torch
 import torchvision
 
 from lungscreen.errors import ConfigError, LungscreenError
+from model_specs import spec_for
+
 from lungscreen.models import (
     UnsafeWeightsError,
     WeightsError,
     create,
     list_models,
     load_checkpoint,
+    model_info,
     save_checkpoint,
 )
 
-PREPROCESSING = {"steps": [{"name": "equalize"}, {"name": "resize", "size": 64}], "mean": 0.5, "std": 0.25}
+PIPELINE = {"name": "equalize", "steps": [{"name": "equalize"}, {"name": "normalize"}]}
 SIDE = {"conv8": 256}  # conv8 is checked with padding=1 (its option) to stay small
 
 
@@ -42,39 +45,42 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(name: str, tmp_path: 
     model = create(name, num_classes=2, in_channels=1, **options)
     model.train()
     model(torch.randn(4, 1, SIDE.get(name, 32), SIDE.get(name, 32)))  # move BN running statistics off init
-    path = save_checkpoint(tmp_path / "model.pt", model, class_names=["negative", "COVID-19"],
-                           preprocessing=PREPROCESSING, extra={"epoch": 3, "auc": 0.91})
-    rebuilt, meta = load_checkpoint(path)
+    kind = "segmentation" if model_info(name).task == "segmentation" else "multiclass"
+    spec = spec_for(["negative", "COVID-19"], kind=kind, size=SIDE.get(name, 32), pipeline=PIPELINE)
+    path = save_checkpoint(tmp_path / "model.pt", model, spec=spec, extra={"epoch": 3, "auc": 0.91})
+    loaded = load_checkpoint(path)
+    rebuilt, meta = loaded.model, loaded.meta
     assert type(rebuilt) is type(model) and not rebuilt.training
     torch.testing.assert_close(outputs(rebuilt, SIDE.get(name, 32)), outputs(model, SIDE.get(name, 32)),
                                rtol=0, atol=0)
     assert meta["name"] == name and meta["kwargs"] == options
     assert (meta["in_channels"], meta["num_classes"]) == (1, 2)
-    assert meta["class_names"] == ["negative", "COVID-19"]
-    assert meta["preprocessing"] == PREPROCESSING and meta["extra"] == {"epoch": 3, "auc": 0.91}
+    assert loaded.spec == spec and meta["extra"] == {"epoch": 3, "auc": 0.91}
 
 
 def test_checkpoint_records_architecture_options_and_holds_only_json_and_tensors(tmp_path: Path) -> None:
     model = create("covidnet_tiny", num_classes=3, in_channels=3, dropout=0.2, fc_width=64)
-    path = save_checkpoint(tmp_path / "m.pt", model, class_names=["a", "b", "c"], preprocessing={})
+    path = save_checkpoint(tmp_path / "m.pt", model, spec=spec_for(["a", "b", "c"], channels=3))
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"format", "version", "meta", "state_dict"}
     assert json.loads(raw["meta"])["kwargs"] == {"dropout": 0.2, "fc_width": 64}
-    rebuilt, _ = load_checkpoint(path)
+    rebuilt = load_checkpoint(path).model
     assert rebuilt.fc[-2].out_features == 64 and rebuilt.stem[0].in_channels == 3
 
 
 def test_checkpoint_rejects_bad_metadata(tmp_path: Path) -> None:
     model = create("squeezenet1_1", num_classes=2)
-    with pytest.raises(ConfigError, match="2 outputs"):
-        save_checkpoint(tmp_path / "m.pt", model, class_names=["a", "b", "c"], preprocessing={})
+    with pytest.raises(ConfigError, match=r"heads\.0\.classes names 3 class\(es\) but the model has 2 output"):
+        save_checkpoint(tmp_path / "m.pt", model, spec=spec_for(["a", "b", "c"]))
+    with pytest.raises(ConfigError, match=r"input\.channels is 3 but the model reads 1"):
+        save_checkpoint(tmp_path / "m.pt", model, spec=spec_for(["a", "b"], channels=3))
     with pytest.raises(ConfigError, match="JSON"):
-        save_checkpoint(tmp_path / "m.pt", model, class_names=["a", "b"], preprocessing={"fn": print})
+        save_checkpoint(tmp_path / "m.pt", model, spec=spec_for(["a", "b"]), extra={"fn": print})
     assert not (tmp_path / "m.pt").exists()
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(WeightsError, match="not a lungscreen checkpoint"):
         load_checkpoint(tmp_path / "plain.pt")
-    path = save_checkpoint(tmp_path / "m.pt", model, class_names=["a", "b"], preprocessing={})
+    path = save_checkpoint(tmp_path / "m.pt", model, spec=spec_for(["a", "b"]))
     raw = torch.load(path, weights_only=True)
     torch.save({**raw, "version": 99}, tmp_path / "future.pt")
     with pytest.raises(WeightsError, match="newer lungscreen"):

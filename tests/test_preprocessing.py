@@ -14,18 +14,18 @@ from typer.testing import CliRunner
 
 from lungscreen.data.manifest import load_manifest, new_row, save_manifest
 from lungscreen.data.phantoms import render_phantom
-from lungscreen.errors import ConfigError, ImageReadError
+from lungscreen.errors import ConfigError, ImageReadError, LungscreenError
+from lungscreen.lungs.step import LungModelWarning, SegmentLungs
 from lungscreen.preprocessing import (
     LUNGS,
     REFERENCE,
-    LungModelWarning,
     Pipeline,
     PreprocessingError,
     Sample,
     get_pipeline,
     list_pipelines,
+    preprocess_file,
     preprocess_manifest,
-    process_file,
     transform_from_dict,
 )
 from lungscreen.preprocessing.transforms import (
@@ -36,10 +36,14 @@ from lungscreen.preprocessing.transforms import (
     Equalize,
     Normalize,
     Resize,
-    SegmentLungs,
     TopCrop,
     blur_mask,
 )
+
+
+def process_file(pipeline, path, mask_path=None, cache_dir=None) -> np.ndarray:
+    """The preprocessed picture as floats in [0, 1] (the 8-bit picture the cache stores, scaled)."""
+    return preprocess_file(pipeline, path, mask_path, cache_dir=cache_dir).image / 255.0
 
 
 @pytest.fixture(autouse=True)
@@ -196,9 +200,11 @@ def test_reference_mask_of_another_aspect_ratio_is_refused(tmp_path):
     image, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
     Image.fromarray((ramp(64, 48) * 255).astype(np.uint8)).save(image)
     Image.fromarray(np.full((32, 64), 255, np.uint8)).save(mask)
-    with pytest.raises(PreprocessingError, match="another aspect ratio"):
+    with pytest.raises(LungscreenError, match="another aspect ratio"):  # recorded in the cache as a failure
         process_file("none", str(image), str(mask), cache_dir=tmp_path / "cache")
-    assert process_file("none", str(image), str(mask)).shape == (64, 48)  # without a cache it is not read
+    with pytest.raises(ImageReadError, match="another aspect ratio"):
+        process_file("none", str(image), str(mask))  # the same without a cache: the mask rides along, checked
+    assert process_file("none", str(image)).shape == (64, 48)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,7 +229,8 @@ def test_process_file_cache_hits_and_invalidation(tmp_path):
     files = sorted(cache.rglob("*.png"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    np.testing.assert_allclose(process_file("clahe", path, cache_dir=cache), first, atol=1 / 255)
+    np.testing.assert_array_equal(process_file("clahe", path, cache_dir=cache), first)  # the same 8-bit picture
+    np.testing.assert_array_equal(process_file("clahe", path), first)  # and the same without a cache
     assert files[0].stat().st_mtime_ns == stamp  # read, not recomputed
     process_file(get_pipeline("clahe", {"clahe.clip_limit": 4.0}), path, cache_dir=cache)
     assert len(list(cache.glob("clahe-*"))) == 2  # another parameter, another cache

@@ -13,7 +13,7 @@ from training_fixtures import make_manifest, tiny_recipe
 from lungscreen import models
 from lungscreen.errors import ConfigError
 from lungscreen.evaluation.metrics import classification_figures, classification_report
-from lungscreen.training.config import CONFIG_DIR, apply_overrides, from_dict, load_config
+from lungscreen.training.config import CONFIG_DIR, apply_overrides, from_dict, load_config, to_raw
 from lungscreen.training.optim import discriminative_rates, plan_groups
 from lungscreen.training.prepare import prepare
 from lungscreen.training.sampling import EpochSampler, balanced_class_weights
@@ -177,3 +177,46 @@ def test_report_intervals_resample_patients():
     assert accuracy.value == pytest.approx(0.9)
     assert accuracy.low < 0.9 < accuracy.high or accuracy.low <= 0.9 <= accuracy.high
     assert np.isnan(classification_figures(np.array([0, 0]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["a", "b"])["ppv/b"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=[1,", "data.batch_size: the value '[1,' is not valid YAML ("),
+    ("data.batch_size=2.5", "data.batch_size: must be an integer, got 2.5"),
+    ("data.batch_size=abc", "data.batch_size: must be an integer, got 'abc'"),
+    ("data.batch_size=true", "data.batch_size: must be an integer, got True"),
+    ("stages.0.optimizer.momentum=false", "stages.0.optimizer.momentum: must be a number, got False"),
+    ("stages.0.train_bn=1", "stages.0.train_bn: must be true or false, got 1"),
+    ("stages.1.optimizer.bogus=1", "stages.1.optimizer.bogus: unknown key (allowed: beta2, lr, lr_spread, momentum,"),
+    ("stages.0.data={balance: {bogus: 1}}", "stages.0.data.balance.bogus: unknown key (allowed: covid_percent,"),
+    ("stages.5.epochs=2", "stages.5: no list element '5' (the list has 2)"),
+    ("stages.0.epochs.x=1", "stages.0.epochs.x: cannot set a key inside 1"),
+    ("data.sources=[[a]]", "data.sources.0: must be text"),
+    ("tune.params.x={low: 0, high: 1, log: true}", "tune.params.x.low: a log range needs low > 0"),
+])
+def test_errors_are_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as caught:
+        from_dict(apply_overrides(tiny_recipe("m.parquet"), [override]))
+    text = str(caught.value)
+    assert text.startswith(message), text
+    assert "\n" not in text and "pydantic" not in text
+
+
+def test_override_values_keep_their_yaml_meaning():
+    config = from_dict(apply_overrides(tiny_recipe("m.parquet"), [
+        "model.options.width=abc", "model.options.depth=3", "stages.0.train=1:3", "stages.1.optimizer.lr=[1e-5, 1e-3]",
+        "stages.0.optimizer.momentum=5e-1", "precision=32", "data.num_workers=2.0"]))
+    assert config.model.options == {"width": "abc", "depth": 3}  # a free dict: passed to the model as is
+    assert config.stages[0].train == "1:3"  # YAML alone would read 1:3 as the base-60 integer 63
+    assert config.stages[1].optimizer.lr == pytest.approx((1e-5, 1e-3))
+    assert config.stages[0].optimizer.momentum == 0.5 and config.precision == "32" and config.data.num_workers == 2
+
+
+def test_validated_config_is_mutable_and_round_trips():
+    config = from_dict(tiny_recipe("m.parquet"))
+    config.data.manifest = "elsewhere.parquet"
+    config.stages[0].name = "renamed"
+    raw = to_raw(config)
+    assert raw["stages"][1]["optimizer"]["lr"] == [3e-4, 3e-3] and raw["defaults"] == {}
+    again = from_dict(raw)
+    assert again.to_dict() == {**config.to_dict(), "defaults": {}}
+    assert again.data.manifest == "elsewhere.parquet" and again.stages[0].name == "renamed"

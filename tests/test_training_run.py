@@ -52,7 +52,7 @@ def test_run_folder_freezing_lr_finder_tracking_and_predict(manifest, tmp_path):
     assert "epoch 2" in (run / "log.txt").read_text()
 
     # Stage 0 trains the head only: every other group (weights and BatchNorm statistics) is untouched.
-    after_head, _ = load_checkpoint(run / "stages/00-head/final.pt")
+    after_head = load_checkpoint(run / "stages/00-head/final.pt").model
     groups_before, groups_after = start.layer_groups(), after_head.layer_groups()
     for before, after in zip(groups_before[:-1], groups_after[:-1]):
         for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
@@ -84,7 +84,7 @@ def test_run_folder_freezing_lr_finder_tracking_and_predict(manifest, tmp_path):
         shutil.copy(path, folder / path.name)
     (tmp_path / "new" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     frame = predict_paths(run, [tmp_path / "new"])
-    assert list(frame.columns) == ["path", "normal", "pneumonia", "COVID-19", "prediction", "error"]
+    assert list(frame.columns) == ["path", "frame", "normal", "pneumonia", "COVID-19", "prediction", "error"]
     assert len(frame) == 4
     broken = frame[frame["path"].str.endswith("broken.png")].iloc[0]
     assert broken["error"] and np.isnan(broken["COVID-19"]) and broken["prediction"] == ""
@@ -171,7 +171,6 @@ def test_preprocessed_manifest_trains_as_is_and_predict_applies_its_pipeline(man
         train(from_dict(recipe), out=tmp_path / "refused", quiet=True)
     recipe["data"]["pipeline"] = "none"
     run = train(from_dict(recipe), out=tmp_path / "run", quiet=True).run_dir
-    _, meta = load_checkpoint(run / "best.pt")
-    assert meta["preprocessing"]["pipeline"]["name"] == "equalize"
+    assert load_checkpoint(run / "best.pt").spec.input.pipeline["name"] == "equalize"
     frame = predict_paths(run, sorted(Path(manifest).parent.glob("*.png"))[:2])
     assert (frame["error"] == "").all()

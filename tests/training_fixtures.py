@@ -59,3 +59,30 @@ def tiny_recipe(manifest: Path, **changes: object) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+def make_phantom_manifest(root: Path, *, per_label: int = 8, size: int = 64, masks_every: int = 2) -> Path:
+    """Chest phantoms (normal, bacterial, COVID-19) with lesion boxes and, on every ``masks_every``-th image,
+    their lung mask (heart-excluded); split 60/20/20 by patient."""
+    from lungscreen.data.manifest import encode_boxes
+    from lungscreen.data.phantoms import render_phantom
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    splits = ["train", "train", "train", "val", "test"]
+    for i in range(per_label * len(LABELS)):
+        label = LABELS[i % len(LABELS)]
+        phantom = render_phantom(label, size=size, seed=7, index=i)
+        path = root / f"phantom-{i:03d}.png"
+        Image.fromarray(phantom.image).save(path)
+        fields = {"split": splits[(i // 3) % 5], "view": "PA"}
+        if phantom.boxes:
+            fields.update(boxes=encode_boxes([(*box, "opacity") for box in phantom.boxes]), box_frame_width=size,
+                          box_frame_height=size)
+        if i % masks_every == 0:
+            mask = root / f"phantom-{i:03d}_mask.png"
+            Image.fromarray(phantom.mask.astype(np.uint8) * 255).save(mask)
+            fields.update(mask_path=str(mask), mask_convention="heart-excluded")
+        rows.append(new_row(path, label, f"phantom-p{i // 3}", "phantoms", **fields))
+    parquet, _ = save_manifest(pd.DataFrame(rows), root / "manifest")
+    return parquet

@@ -20,6 +20,11 @@ def progress_bar() -> Progress:
     )
 
 
+def progress_or_quiet(enabled: bool) -> Progress:
+    """The shared progress display, or a disabled one (tests, worker processes)."""
+    return progress_bar() if enabled else Progress(disable=True)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """Iterate with a progress bar (or silently when ``enabled`` is False, e.g. inside tests or workers)."""
     if not enabled:

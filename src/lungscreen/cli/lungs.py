@@ -27,38 +27,62 @@ def _model_option(help_text: str) -> typer.Option:
 @app.command()
 def train(
     manifest: Path = typer.Argument(..., help="Manifest with lung-mask rows (mask_path, mask_convention, split)."),
-    out_path: Path = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: the default lung model "
-                                  "path, $LUNGSCREEN_LUNG_MODEL or ~/.local/share/lungscreen/lung_unet.pt]."),
-    epochs: int = typer.Option(12, min=1, help="Passes over the training pairs."),
-    size: int = typer.Option(256, min=32, help="Working side in pixels (multiple of 16)."),
-    batch_size: int = typer.Option(8, min=1, help="Pairs per step."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle, AdamW)."),
-    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
-    seed: int = typer.Option(0, help="Seed of initialisation, augmentation and batch order."),
-    max_pairs: int = typer.Option(None, min=1, help="Use at most this many training pairs (quick trials)."),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Where to install the trained model [default: the default "
+                                  "lung model path, $LUNGSCREEN_LUNG_MODEL or ~/.local/share/lungscreen/lung_unet.pt]."),
+    config: str = typer.Option("lung-unet-cpu", "--config", "-c", help="Recipe: a YAML file or a shipped recipe name."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default runs/lung-unet-cpu-TIME)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. --set stages.0.epochs=4."),
+    resume: Path = typer.Option(None, "--resume", help="Continue an interrupted lung run folder, then install it."),
     default_convention: str = typer.Option(None, help=DEFAULT_CONVENTION_HELP),
 ) -> None:
-    """Train the lung U-Net on the manifest's masks (train split; best epoch chosen on val).
+    """Train the lung U-Net on the manifest's masks through the training engine (`configs/lung-unet-cpu.yaml`).
 
     One network with one output per mask convention: each mask teaches its own convention's channel, so
-    heart-excluded and behind-heart-included masks are never mixed. The test split is left for
-    `lungscreen lungs evaluate`.
+    heart-excluded and behind-heart-included masks are never mixed. Training uses the manifest's train
+    split, the best epoch is chosen on val (Dice), and the test split is left for `lungscreen lungs
+    evaluate`. The run folder can be resumed with --resume; best.pt is then installed at --out.
     """
-    from lungscreen.data.manifest import load_manifest
-    from lungscreen.lungs.segmenter import default_model_path
-    from lungscreen.lungs.train import LungTrainConfig, train_lung_model
+    report = train_lung_model(manifest, out_path, config=config, run_dir=run_dir, overrides=overrides, resume=resume,
+                              default_convention=default_convention)
+    out.print(f"validation Dice {report['value']:.4f} (epoch {report['epoch'] + 1}) -> {report['installed']}")
 
-    config = LungTrainConfig(size=size, epochs=epochs, batch_size=batch_size, lr=lr, threads=threads, seed=seed,
-                             max_pairs=max_pairs)
-    target = out_path or default_model_path()
-    report = train_lung_model(load_manifest(manifest), target, config, default_convention=default_convention,
-                              log=lambda line: err.print(escape(line)))
-    for path, reason in report.skipped[:10]:
-        err.print(f"  [yellow]skipped[/] {escape(reason)}")
-    if len(report.skipped) > 10:
-        err.print(f"  [yellow]... {len(report.skipped) - 10} more skipped[/]")
-    out.print(f"best epoch {report.best_epoch}: validation Dice {report.val_dice:.4f} "
-              f"({report.seconds / 60:.1f} min) -> {target}")
+
+def train_lung_model(manifest: Path | None, target: Path | None = None, *, config: str = "lung-unet-cpu",
+                     run_dir: Path | None = None, overrides: list[str] = (), resume: Path | None = None,
+                     default_convention: str | None = None, frame=None) -> dict:  # noqa: ANN001
+    """Train the lung recipe on the mask rows of a manifest (or a loaded ``frame``), then install best.pt.
+
+    The mask rows, with their conventions checked and any missing patient-level split filled in, are written
+    into the run folder as ``masks.parquet``, the manifest the run trains on.
+    """
+    import shutil
+
+    from lungscreen.data.manifest import load_manifest, save_manifest
+    from lungscreen.data.splits import with_splits
+    from lungscreen.io.files import atomic_path
+    from lungscreen.lungs.data import mask_rows
+    from lungscreen.lungs.segmenter import default_model_path
+    from lungscreen.training.config import load_config
+    from lungscreen.training.engine import train as run_training
+    from lungscreen.training.run_folder import default_run_dir
+    from lungscreen.training.prepare import DistEnv
+
+    if resume is not None:
+        result = run_training(None, resume=resume)  # type: ignore[arg-type]
+    else:
+        recipe = load_config(config, overrides)
+        folder = run_dir or default_run_dir(recipe, DistEnv())
+        frame = load_manifest(manifest) if frame is None else frame
+        rows = with_splits(mask_rows(frame, default_convention))
+        masks, _ = save_manifest(rows, folder / "masks")
+        recipe = load_config(config, [*overrides, f"data.manifest={masks.resolve()}"])
+        result = run_training(recipe, out=folder)
+    best = result.run_dir / "best.pt"
+    target = target or default_model_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temporary:
+        shutil.copyfile(best, temporary)
+    return {**(result.best or {}), "installed": str(target)}
 
 
 @app.command()
@@ -77,7 +101,7 @@ def segment(
     """
     from lungscreen.io.files import iter_image_files
     from lungscreen.lungs.overlay import segment_files
-    from lungscreen.preprocessing.transforms import SegmentLungs
+    from lungscreen.lungs.step import SegmentLungs
 
     step = SegmentLungs(method=method, model=str(model) if model else None, convention=convention).resolved()
     _announce(step)
@@ -111,7 +135,7 @@ def evaluate(
     from lungscreen.io.files import atomic_path
     from lungscreen.lungs.evaluate import evaluate_segmenter, evaluation_rows
     from lungscreen.lungs.segmenter import ClassicalSegmenter
-    from lungscreen.preprocessing.transforms import SegmentLungs
+    from lungscreen.lungs.step import SegmentLungs
 
     if method not in ("unet", "classical", "both"):
         raise ConfigError(f"--method must be unet, classical or both, got {method!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -67,3 +68,27 @@ def _human(count: int) -> str:
         if count >= divisor:
             return f"{count / divisor:,.2f} {unit}"
     return str(count)
+
+
+@app.command("convert")
+def convert_command(
+    source: Path = typer.Argument(..., help="A version-1 lungscreen checkpoint (.pt) to convert."),
+    target: Path = typer.Argument(..., help="Where to write the version-2 checkpoint (never over SOURCE)."),
+    modality: str = typer.Option("CXR", help="What the model was trained on (version 1 did not record it): CXR or CT."),
+) -> None:
+    """Rewrite a version-1 checkpoint with the inference spec version 2 requires.
+
+    Version 1 kept the input size and the preprocessing in free-form fields that readers filled with
+    defaults; version 2 stores them as one checked inference spec, which predict, evaluate and serve
+    read. The converted spec is printed: check that it says what the model was trained on.
+    """
+    from lungscreen.errors import ConfigError
+    from lungscreen.models import convert_v1
+
+    if modality not in ("CXR", "CT"):
+        raise ConfigError(f"--modality must be CXR or CT, got {modality!r}")
+    if source.resolve() == target.resolve():
+        raise ConfigError("TARGET: give a new file; the original is kept as it is")
+    spec = convert_v1(source, target, modality=modality)
+    typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+    out.print(f"[green]converted[/] {source} -> {target}")

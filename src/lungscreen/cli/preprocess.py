@@ -39,14 +39,9 @@ def preprocess(
     """
     from lungscreen.data.manifest import load_manifest
     from lungscreen.errors import ConfigError
-    from lungscreen.preprocessing import (
-        LungModelWarning,
-        Pipeline,
-        get_pipeline,
-        load_pipeline,
-        preprocess_manifest,
-    )
-    from lungscreen.preprocessing.transforms import Resize, find_lung_model
+    from lungscreen.lungs.step import LungModelWarning, find_lung_model
+    from lungscreen.preprocessing import Pipeline, get_pipeline, load_pipeline, preprocess_manifest
+    from lungscreen.preprocessing.transforms import Resize
 
     if if_no_lung_model not in ("classical", "train", "error"):
         raise ConfigError(f"--if-no-lung-model must be classical, train or error, got {if_no_lung_model!r}")
@@ -98,8 +93,8 @@ def _pipeline(spec: str, overrides: list[str] | None, get_pipeline, load_pipelin
 
 def _with_lung(pipeline, **changes):
     from lungscreen.errors import ConfigError
+    from lungscreen.lungs.step import SegmentLungs
     from lungscreen.preprocessing import Pipeline
-    from lungscreen.preprocessing.transforms import SegmentLungs
 
     if pipeline.lung_step is None:
         raise ConfigError(f"pipeline {pipeline.name!r} does not segment lungs; --lung-model does not apply")
@@ -122,12 +117,12 @@ def _no_lung_model(pipeline, policy: str, frame):
                   "classical threshold + morphology fallback (mean Dice about 0.78 instead of about 0.95). Train the "
                   "U-Net with `lungscreen lungs train MANIFEST`, or rerun with --if-no-lung-model train.")
         return _with_lung(pipeline, method="classical")
-    from lungscreen.lungs.train import train_lung_model
+    from lungscreen.cli.lungs import train_lung_model
 
     err.print(f"[bold yellow]No trained lung model at {where}: training the default U-Net on this manifest's "
-              "lung masks first[/] (train split, best epoch on val; minutes on a CPU).")
-    report = train_lung_model(frame, where, log=lambda line: err.print(escape(line)))
-    err.print(f"lung model trained: validation Dice {report.val_dice:.4f} -> {where}")
+              "lung masks first[/] (recipe lung-unet-cpu: train split, best epoch on val; minutes on a CPU).")
+    report = train_lung_model(None, where, frame=frame)
+    err.print(f"lung model trained: validation Dice {report['value']:.4f} -> {where}")
     return pipeline
 
 

@@ -32,6 +32,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from lungscreen.data.graph import connected_components
+
 HASH_CANDIDATE = 10
 CERTAIN_HASH = 2
 MIN_CORRELATION = 0.94
@@ -112,22 +114,10 @@ def find_duplicates(hashes: np.ndarray, thumbnails: np.ndarray,
 
 def duplicate_groups(count: int, pairs: list[DuplicatePair]) -> np.ndarray:
     """Connected components of the duplicate graph: a group id per image (-1 for images without a copy)."""
-    parent = np.arange(count)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for pair in pairs:
-        a, b = root(pair.first), root(pair.second)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(count)])
-    sizes = np.bincount(roots, minlength=count)
+    components = connected_components(count, [(pair.first, pair.second) for pair in pairs])
+    sizes = np.bincount(components, minlength=count)
     groups = np.full(count, -1, dtype=np.int64)
-    in_group = sizes[roots] > 1
-    _, compact = np.unique(roots[in_group], return_inverse=True)
+    in_group = sizes[components] > 1
+    _, compact = np.unique(components[in_group], return_inverse=True)
     groups[in_group] = compact
     return groups

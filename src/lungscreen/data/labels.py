@@ -1,8 +1,15 @@
-"""Canonical labels and the three task label maps the papers use.
+"""Canonical labels and the task maps that turn a manifest row into a training target.
 
 Every adapter maps its source's wording onto one *canonical* label (below) and keeps the original detail
-(organism, "COVID-19, ARDS", ...) as ``fine_label``. A *task* then maps canonical labels onto its class
-names; a canonical label a task does not know is left out of that task, never guessed.
+(organism, "COVID-19, ARDS", ...) as ``fine_label``. A *task* then maps the value of one manifest column
+onto its classes; a value a task does not know is left out of that task, never guessed. Three kinds:
+
+* ``multiclass`` (the papers' tasks ``covidx``, ``covid-resnet``, ``binary``): a label -> one class;
+* ``multilabel`` (``findings``): a label -> the set of findings it implies (a COVID-19 pneumonia is a
+  pneumonia too);
+* ``segmentation`` (``lungs``): a row's ``mask_convention`` -> the output channel its mask teaches;
+  ``nested`` pairs say one channel's region lies inside another's, which gives partial targets for the
+  other channel (see :meth:`Task.segmentation_targets`).
 
 Example:
     >>> canonical_from_finding("Pneumonia/Bacterial/Streptococcus")
@@ -15,6 +22,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
 
 from lungscreen.errors import ManifestError
 
@@ -29,24 +39,89 @@ UNKNOWN = "unknown"  # blank or pending: not normal, not anything
 
 CANONICAL_LABELS = (NORMAL, BACTERIAL, VIRAL, FUNGAL, PNEUMONIA, COVID, OTHER, UNKNOWN)
 
+HEART_EXCLUDED = "heart-excluded"
+BEHIND_HEART = "behind-heart-included"
+#: ``mask_convention`` value -> which lungs the masks draw (public mask sets disagree; see lungscreen.lungs).
+MASK_CONVENTIONS = {
+    HEART_EXCLUDED: "visible lung fields only; heart and mediastinum left out (OpenIST, Montgomery, Shenzhen, "
+                    "COVID-19 Radiography Database masks)",
+    BEHIND_HEART: "whole lungs including the region behind the heart, down to the diaphragm (v7labs)",
+}
+
+
+TaskKind = Literal["multiclass", "multilabel", "segmentation"]
+TASK_KINDS: tuple[str, ...] = ("multiclass", "multilabel", "segmentation")
+
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task: its class names, in order, and the canonical labels each one takes."""
+    """A target: its class names, in order, and what each value of the task's manifest column becomes.
+
+    Attributes:
+        name: task name.
+        classes: output names in order (classes, labels or mask channels).
+        mapping: column value -> class (multiclass, segmentation) or tuple of classes (multilabel).
+        description: one line for tables.
+        kind: ``multiclass``, ``multilabel`` or ``segmentation``.
+        column: the manifest column the mapping reads (``label``; ``mask_convention`` for segmentation).
+        nested: (inner, outer) channel pairs whose regions nest (segmentation).
+    """
 
     name: str
     classes: tuple[str, ...]
-    mapping: dict[str, str]
-    description: str
+    mapping: dict[str, Any]
+    description: str = ""
+    kind: TaskKind = "multiclass"
+    column: str = "label"
+    nested: tuple[tuple[str, str], ...] = ()
 
-    def class_of(self, canonical: str) -> str | None:
-        """The task's class for a canonical label, or None when the task leaves that label out."""
-        return self.mapping.get(canonical)
+    def class_of(self, value: str) -> Any:
+        """The task's class (or classes) for a column value, or None when the task leaves that value out."""
+        return self.mapping.get(value)
 
-    def index_of(self, canonical: str) -> int | None:
-        """The class index for a canonical label, or None when left out."""
-        name = self.class_of(canonical)
-        return None if name is None else self.classes.index(name)
+    @property
+    def combinations(self) -> list[tuple[str, ...]]:
+        """Multi-label: the distinct class sets the mapping produces, in mapping order."""
+        return list(dict.fromkeys(tuple(v) for v in self.mapping.values()))
+
+    def index_of(self, value: str) -> int | None:
+        """The integer target of a value: its class index, or (multi-label) the index of its class set in
+        :attr:`combinations`, which is what class balancing counts. None when left out."""
+        target = self.class_of(value)
+        if target is None:
+            return None
+        return self.combinations.index(tuple(target)) if self.kind == "multilabel" else self.classes.index(target)
+
+    def multi_hot(self, index: int) -> np.ndarray:
+        """float32 (classes,) with 1 for every class of combination ``index`` (multi-label)."""
+        hot = np.zeros(len(self.classes), np.float32)
+        for name in self.combinations[index]:
+            hot[self.classes.index(name)] = 1.0
+        return hot
+
+    def segmentation_targets(self, channel: int, lung: np.ndarray, ignore: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(target, known, labelled) for a mask that draws channel ``channel``.
+
+        ``target`` and ``known`` are float32 (classes, H, W); ``labelled`` bool (classes,) marks the channel
+        the mask fully teaches. ``ignore`` pixels are unknown everywhere. For each nested pair, a mask of the
+        inner region makes its pixels known-positive in the outer channel, and a mask of the outer region
+        makes the pixels outside it known-negative in the inner channel; the rest of the other channel stays
+        unknown (no loss, no gradient).
+        """
+        lung = np.asarray(lung, bool)
+        valid = ~np.asarray(ignore, bool) if ignore is not None else np.ones_like(lung)
+        target = np.zeros((len(self.classes), *lung.shape), np.float32)
+        known = np.zeros_like(target)
+        labelled = np.zeros(len(self.classes), bool)
+        target[channel], known[channel], labelled[channel] = lung, valid, True
+        for inner, outer in self.nested:
+            i, o = self.classes.index(inner), self.classes.index(outer)
+            if channel == i:
+                target[o] = known[o] = lung & valid
+            elif channel == o:
+                known[i] = ~lung & valid
+        return target, known, labelled
 
 
 TASKS: dict[str, Task] = {
@@ -68,6 +143,21 @@ TASKS: dict[str, Task] = {
         {NORMAL: "non-COVID", BACTERIAL: "non-COVID", VIRAL: "non-COVID", FUNGAL: "non-COVID", PNEUMONIA: "non-COVID",
          OTHER: "non-COVID", COVID: "COVID-19"},
         "binary COVID+/- (papers 000, 002): COVID-19 against everything else",
+    ),
+    "findings": Task(
+        "findings",
+        ("pneumonia", "COVID-19"),
+        {NORMAL: (), BACTERIAL: ("pneumonia",), VIRAL: ("pneumonia",), FUNGAL: ("pneumonia",), PNEUMONIA: ("pneumonia",),
+         COVID: ("pneumonia", "COVID-19")},
+        "multi-label findings (CheXNet style, paper 001): pneumonia, and COVID-19 as a pneumonia",
+        kind="multilabel",
+    ),
+    "lungs": Task(
+        "lungs",
+        (HEART_EXCLUDED, BEHIND_HEART),
+        {HEART_EXCLUDED: HEART_EXCLUDED, BEHIND_HEART: BEHIND_HEART},
+        "lung masks, one channel per mask convention (heart-excluded lies inside behind-heart-included)",
+        kind="segmentation", column="mask_convention", nested=((HEART_EXCLUDED, BEHIND_HEART),),
     ),
 }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -86,6 +87,11 @@ def encode_boxes(boxes: Iterable[tuple[float, float, float, float, str]]) -> str
     return json.dumps(items) if items else ""
 
 
+def decode_boxes(text: str) -> list[tuple[float, float, float, float, str]]:
+    """The boxes of a ``boxes`` cell (JSON text; empty for none)."""
+    return [(float(x0), float(y0), float(x1), float(y1), str(name)) for x0, y0, x1, y1, name in json.loads(text)] if text else []
+
+
 def boxes_for_size(row: pd.Series | dict, width: int, height: int) -> list[tuple[float, float, float, float, str]]:
     """The row's boxes scaled from their stored frame to an image of ``width`` x ``height``."""
     text = row.get("boxes", "") or ""
@@ -95,7 +101,7 @@ def boxes_for_size(row: pd.Series | dict, width: int, height: int) -> list[tuple
     if frame_w <= 0 or frame_h <= 0:
         raise ManifestError(f"{row.get('image_path')}: boxes without a frame size")
     sx, sy = width / frame_w, height / frame_h
-    return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy, name) for x0, y0, x1, y1, name in json.loads(text)]
+    return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy, name) for x0, y0, x1, y1, name in decode_boxes(text)]
 
 
 def validate(frame: pd.DataFrame, *, base: Path | None = None) -> pd.DataFrame:
@@ -201,17 +207,23 @@ def load_manifest(source: str | Path) -> pd.DataFrame:
 
 def for_task(frame: pd.DataFrame, task: str | Task, *, modality: str = "CXR",
              views: tuple[str, ...] | None = FRONTAL_VIEWS) -> pd.DataFrame:
-    """Rows usable for a task, with ``target`` (class index) and ``target_name`` columns.
+    """Rows usable for a task, with ``target`` (the task's integer target) and ``target_name`` columns.
 
     CXR tasks keep frontal views only by default (laterals and CT stay in the manifest, filtered here).
-    Rows whose label the task leaves out (unknown, other, ...) are dropped.
+    Rows whose value the task leaves out (unknown, other, ...) are dropped; a segmentation task keeps only
+    rows with a mask.
     """
     task = get_task(task) if isinstance(task, str) else task
     keep = frame["modality"] == modality
     if views is not None and modality == "CXR":
         keep &= frame["view"].isin(views)
-    rows = frame.loc[keep].copy()
-    rows["target_name"] = rows["label"].map(task.mapping)
-    rows = rows.dropna(subset=["target_name"])
-    rows["target"] = rows["target_name"].map(task.classes.index).astype("int64")
+    if task.kind == "segmentation":
+        keep &= frame["mask_path"].astype(str) != ""
+    rows = frame.loc[keep & frame[task.column].isin(list(task.mapping))].copy()
+    rows["target"] = rows[task.column].map(task.index_of).astype("int64")
+    rows["target_name"] = rows[task.column].map(lambda value: _target_name(task.class_of(value)))
     return rows.reset_index(drop=True)
+
+
+def _target_name(target: Any) -> str:
+    return "+".join(target) or "none" if isinstance(target, tuple) else str(target)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from lungscreen.data.graph import chain_edges, connected_components
+
 from lungscreen.errors import LeakageError, ManifestError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -38,32 +40,12 @@ def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
 
 def clusters(frame: pd.DataFrame) -> np.ndarray:
     """Cluster id per row: connected components of 'same patient' and 'same duplicate group'."""
-    keys = frame["patient_id"].astype(str).to_numpy()
-    _, patient = np.unique(keys, return_inverse=True)
-    parent = np.arange(len(frame))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def join(indices: np.ndarray) -> None:
-        first = root(int(indices[0]))
-        for other in indices[1:]:
-            r = root(int(other))
-            if r != first:
-                parent[r] = first
-
-    for indices in pd.Series(np.arange(len(frame))).groupby(patient).indices.values():
-        join(np.asarray(indices))
+    rows = pd.Series(np.arange(len(frame)))
+    groups = list(rows.groupby(frame["patient_id"].astype(str).to_numpy()).indices.values())
     if "dup_group" in frame.columns:
-        groups = frame["dup_group"].astype(str).to_numpy()
-        for key, indices in pd.Series(np.arange(len(frame))).groupby(groups).indices.items():
-            if key not in ("", "-1", "nan"):
-                join(np.asarray(indices))
-    roots = np.array([root(i) for i in range(len(frame))])
-    return np.unique(roots, return_inverse=True)[1]
+        duplicates = rows.groupby(frame["dup_group"].astype(str).to_numpy()).indices
+        groups += [members for key, members in duplicates.items() if key not in ("", "-1", "nan")]
+    return connected_components(len(frame), chain_edges(groups))
 
 
 def assign_splits(frame: pd.DataFrame, ratios: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
@@ -124,3 +106,23 @@ def _refuse_crossing(frame: pd.DataFrame, column: str, what: str) -> None:
                           zip(rows["split"], rows["image_path"].map(lambda p: p.rsplit("/", 1)[-1])))
         examples.append(f"{key} ({where})")
     raise LeakageError(f"{len(leaking)} {what}(s) sit in more than one split, e.g. " + "; ".join(examples))
+
+
+def with_splits(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The rows with a train/val/test ``split`` by patient (and near-duplicate cluster), stratified by source.
+
+    A manifest built by ``lungscreen data build`` already has patient-level splits and they are kept, so a
+    lung model never trains on a patient whose classification images sit in another split. Rows without a
+    split get one from :func:`assign_splits`.
+    """
+    rows = rows.copy()
+    if "split" not in rows.columns:
+        rows["split"] = ""
+    rows["split"] = rows["split"].fillna("").astype(str)
+    known = rows.loc[rows["split"] != ""].drop_duplicates("patient_id").set_index("patient_id")["split"]
+    inherit = (rows["split"] == "") & rows["patient_id"].isin(known.index)
+    rows.loc[inherit, "split"] = rows.loc[inherit, "patient_id"].map(known)  # a patient stays in one split
+    missing = rows["split"] == ""
+    if missing.any():
+        rows.loc[missing, "split"] = assign_splits(rows.loc[missing], seed=seed).to_numpy()
+    return rows

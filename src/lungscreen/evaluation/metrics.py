@@ -78,6 +78,32 @@ def _clusters(groups: np.ndarray | None, size: int) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Segmentation figures
+# --------------------------------------------------------------------------------------------------------
+
+def dice_iou(predicted: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> tuple[float, float]:
+    """Dice and IoU of two bool masks, pixels marked in ``ignore`` left out; both empty counts as perfect.
+
+    Example:
+        >>> a = np.zeros((4, 4), bool); a[:2] = True
+        >>> b = np.zeros((4, 4), bool); b[:1] = True
+        >>> tuple(round(v, 3) for v in dice_iou(a, b))
+        (0.667, 0.5)
+    """
+    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"masks differ in shape: {predicted.shape} and {truth.shape}")
+    if ignore is not None:
+        valid = ~np.asarray(ignore, bool)
+        predicted, truth = predicted & valid, truth & valid
+    intersection = int(np.count_nonzero(predicted & truth))
+    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))
+    if total == 0:
+        return 1.0, 1.0
+    return 2.0 * intersection / total, intersection / (total - intersection)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Classification figures
 # --------------------------------------------------------------------------------------------------------
 
@@ -154,6 +180,39 @@ def classification_figures(y_true: np.ndarray, y_score: np.ndarray, class_names:
     figures["balanced_accuracy"] = float(np.mean([figures[f"sensitivity/{n}"] for n in present])) if present else float("nan")
     figures["macro_f1"] = float(np.mean([figures[f"f1/{n}"] for n in present])) if present else float("nan")
     aucs = [figures[f"auc/{n}"] for n in present if np.isfinite(figures[f"auc/{n}"])]
+    figures["macro_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    return figures
+
+
+def multilabel_figures(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str] | tuple[str, ...],
+                       threshold: float = 0.5) -> dict[str, float]:
+    """Per-label figures of independent (sigmoid) outputs, each label a yes/no question of its own.
+
+    Keys: ``auc/L``, ``sensitivity/L``, ``specificity/L``, ``ppv/L``, ``f1/L`` (at ``threshold``) for every
+    label ``L``, and ``macro_auc`` over the labels whose AUC is defined (both answers present).
+
+    Args:
+        y_true: 0/1 per item and label, shape (items, labels).
+        y_score: probability per item and label, same shape.
+        label_names: names of the labels, in column order.
+        threshold: probability at or above which a label is called present.
+    """
+    y_true = np.asarray(y_true, dtype=np.float64) > 0.5
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_score.shape != y_true.shape or y_score.ndim != 2 or y_score.shape[1] != len(label_names):
+        raise ValueError(f"y_true and y_score must both have shape (items, {len(label_names)}), "
+                         f"got {y_true.shape} and {y_score.shape}")
+    figures: dict[str, float] = {}
+    for column, name in enumerate(label_names):
+        truth, called = y_true[:, column], y_score[:, column] >= threshold
+        tp, fp = int((truth & called).sum()), int((~truth & called).sum())
+        fn, tn = int((truth & ~called).sum()), int((~truth & ~called).sum())
+        figures[f"auc/{name}"] = _binary_auc(truth, y_score[:, column])
+        figures[f"sensitivity/{name}"] = _ratio(tp, tp + fn)
+        figures[f"specificity/{name}"] = _ratio(tn, tn + fp)
+        figures[f"ppv/{name}"] = _ratio(tp, tp + fp)
+        figures[f"f1/{name}"] = _ratio(2 * tp, 2 * tp + fp + fn)
+    aucs = [figures[f"auc/{n}"] for n in label_names if np.isfinite(figures[f"auc/{n}"])]
     figures["macro_auc"] = float(np.mean(aucs)) if aucs else float("nan")
     return figures
 

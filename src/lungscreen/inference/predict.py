@@ -1,67 +1,91 @@
-"""Batch prediction with a trained run: files and folders in, one CSV row per image out.
+"""Batch prediction with a trained run: files and folders in, one row per image out.
 
-The run's ``best.pt`` carries the model, its class names and the preprocessing its training images went
-through, so new images are fed exactly as the training ones were (same pipeline, same resizing). An image
-that cannot be read or preprocessed gets a row with empty probabilities and the reason in ``error``; the
-batch goes on.
+The run's ``best.pt`` carries the model and its inference spec (input size, channels, scaling, the
+preprocessing pipeline, the head's classes and activation), and every image goes through the one input
+path (:mod:`lungscreen.preprocessing.model_input`) exactly as the training images did. An image that
+cannot be read or preprocessed gets a row with empty probabilities and the reason in ``error``; the batch
+goes on. A multi-frame DICOM gives one row per frame.
 
 Example:
     >>> frame = predict_paths("runs/covid-resnet-cpu", ["new_images/"])       # doctest: +SKIP
     >>> list(frame.columns)                                                     # doctest: +SKIP
-    ['path', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'error']
+    ['path', 'frame', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'error']
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+import lungscreen.lungs  # noqa: F401  (registers the segment_lungs preprocessing step a spec may name)
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import iter_image_files
-
-
-def resolve_checkpoint(run: str | Path) -> Path:
-    """A run folder's ``best.pt``, or a checkpoint file given directly."""
-    path = Path(run)
-    candidate = path / "best.pt" if path.is_dir() else path
-    if not candidate.is_file():
-        raise ConfigError(f"RUN: no checkpoint at {candidate} (give a run folder holding best.pt, or a .pt file)")
-    return candidate
+from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
+from lungscreen.models import Checkpoint, load_checkpoint, resolve_checkpoint
+from lungscreen.preprocessing import Sample
+from lungscreen.preprocessing.model_input import prepare, to_tensor
 
 
 class Predictor:
-    """A loaded checkpoint plus the preprocessing it was trained with."""
+    """A loaded checkpoint and what its inference spec says about feeding it.
+
+    Args:
+        run: a run folder (its ``best.pt``) or a checkpoint file.
+
+    Raises:
+        ConfigError / WeightsError: no checkpoint, an unsafe or version-1 file, a spec that contradicts its
+            model, or a model whose output is not one classification head.
+    """
 
     def __init__(self, run: str | Path) -> None:
+        self.checkpoint: Checkpoint = load_checkpoint(resolve_checkpoint(run))
+        self.spec = self.checkpoint.spec
+        head = self.spec.head() if len(self.spec.heads) == 1 else None
+        if head is None or head.kind == "segmentation":
+            kind = "multi-head" if head is None else "segmentation"
+            raise ConfigError(f"{self.checkpoint.path}: a {kind} model; predict scores classifiers "
+                              "(lung models: `lungscreen lungs segment`)")
+        self.class_names = list(head.classes)
+        self.pipeline = self.spec.input.load_pipeline()
+        self.model = self.checkpoint.model.eval()
+
+    def prepare(self, image: np.ndarray | Sample) -> Sample:
+        """A decoded image as the model's 8-bit input, with the geometry of what it shows."""
+        return prepare(image, self.spec.input, self.pipeline)
+
+    def probabilities(self, samples: Sequence[Sample]) -> np.ndarray:
+        """(N, classes) probabilities of prepared samples (the head's softmax or sigmoid)."""
         import torch
 
-        from lungscreen.models import load_checkpoint
-        from lungscreen.training.data import Preprocessor
-
-        self.checkpoint = resolve_checkpoint(run)
-        self.model, self.meta = load_checkpoint(self.checkpoint)
-        self.model.eval()
-        self.class_names: list[str] = list(self.meta["class_names"])
-        extra, spec = self.meta.get("extra", {}), self.meta.get("preprocessing", {})
-        self.image_size = int(extra.get("image_size", 224))
-        self.preprocessor = Preprocessor(spec.get("pipeline", "none"), int(spec.get("base_size", self.image_size)))
-        self._torch = torch
-
-    def load(self, path: Path) -> np.ndarray:
-        """uint8 ``(S, S)`` as in training: pipeline, base size, then the stage's size."""
-        from lungscreen.training.data import resize_square
-
-        return resize_square(self.preprocessor(str(path)), self.image_size)
-
-    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        batch = torch.from_numpy(np.stack(images)).to(torch.float32).div_(255.0).unsqueeze(1)
         with torch.inference_mode():
-            return torch.softmax(self.model(batch).float(), dim=1).numpy()
+            return self.spec.activate(self.model(to_tensor([s.image for s in samples], self.spec.input))).numpy()
+
+    def decide(self, probabilities: np.ndarray) -> str:
+        """The predicted class: the stored operating point when there is one, else the most probable class."""
+        point = self.spec.operating_point
+        if point is not None:
+            positive = self.class_names.index(point.positive_class)
+            if probabilities[positive] >= point.threshold:
+                return point.positive_class
+            others = [i for i in range(len(self.class_names)) if i != positive]
+            return self.class_names[max(others, key=lambda i: probabilities[i])] if others else ""
+        return self.class_names[int(np.argmax(probabilities))]
+
+
+def decoded_images(path: Path) -> Iterator[tuple[int | None, ChestImage]]:
+    """(frame index or None, image) of a file: every frame of a multi-frame DICOM, else the one image."""
+    if is_dicom(path):
+        frames = read_frames(path)
+        if len(frames) > 1:
+            yield from enumerate(frames)
+            return
+        yield None, frames[0]
+        return
+    yield None, read_image(path)
 
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32,
@@ -69,35 +93,42 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], *, batch_size: 
     """Predict every image file named in ``inputs`` or found (recursively) under folders in it.
 
     Returns:
-        One row per image: ``path``, a probability column per class (named by the class), ``prediction``
-        (the most probable class) and ``error`` (empty, or why the image could not be used).
+        One row per image (per frame for multi-frame DICOM): ``path``, ``frame``, a probability column
+        per class (named by the class), ``prediction`` and ``error`` (empty, or why the image could not
+        be used).
     """
     predictor = Predictor(run)
-    paths = list(iter_image_files(*inputs))
     rows: list[dict[str, Any]] = []
-    pending: list[tuple[int, np.ndarray]] = []
+    pending: list[tuple[int, Sample]] = []
 
     def flush() -> None:
         if not pending:
             return
-        probabilities = predictor.probabilities([image for _, image in pending])
-        for (row_index, _), values in zip(pending, probabilities):
-            rows[row_index].update({name: float(p) for name, p in zip(predictor.class_names, values)})
-            rows[row_index]["prediction"] = predictor.class_names[int(np.argmax(values))]
+        probabilities = predictor.probabilities([sample for _, sample in pending])
+        for (row_index, _), values in zip(pending, probabilities, strict=True):
+            rows[row_index].update({name: float(p) for name, p in zip(predictor.class_names, values, strict=True)})
+            rows[row_index]["prediction"] = predictor.decide(values)
         pending.clear()
 
-    for done, path in enumerate(paths, start=1):
-        row: dict[str, Any] = {"path": str(path), **{name: np.nan for name in predictor.class_names},
-                               "prediction": "", "error": ""}
-        rows.append(row)
+    def blank(path: Path, frame: int | None) -> dict[str, Any]:
+        return {"path": str(path), "frame": "" if frame is None else frame,
+                **{name: np.nan for name in predictor.class_names}, "prediction": "", "error": ""}
+
+    for done, path in enumerate(iter_image_files(*inputs), start=1):
         try:
-            pending.append((len(rows) - 1, predictor.load(path)))
+            for frame, image in decoded_images(path):
+                rows.append(blank(path, frame))
+                try:
+                    pending.append((len(rows) - 1, predictor.prepare(image.pixels)))
+                except LungscreenError as error:
+                    rows[-1]["error"] = str(error)
         except LungscreenError as error:
-            row["error"] = getattr(error, "reason", None) or str(error)
+            rows.append(blank(path, None))
+            rows[-1]["error"] = getattr(error, "reason", None) or str(error)
         if len(pending) >= batch_size:
             flush()
         if progress is not None:
             progress(done)
     flush()
-    columns = ["path", *predictor.class_names, "prediction", "error"]
+    columns = ["path", "frame", *predictor.class_names, "prediction", "error"]
     return pd.DataFrame(rows, columns=columns)

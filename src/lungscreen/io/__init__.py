@@ -1,6 +1,25 @@
-"""Reading images and writing files safely."""
+"""Reading images and masks, and writing files safely."""
 
 from lungscreen.io.files import atomic_path, iter_image_files, write_atomic
-from lungscreen.io.images import ChestImage, read_image, read_mask
+from lungscreen.io.images import (
+    ChestImage,
+    ImageMeta,
+    MaskLayers,
+    read_frames,
+    read_image,
+    read_mask,
+    read_mask_layers,
+)
 
-__all__ = ["ChestImage", "atomic_path", "iter_image_files", "read_image", "read_mask", "write_atomic"]
+__all__ = [
+    "ChestImage",
+    "ImageMeta",
+    "MaskLayers",
+    "atomic_path",
+    "iter_image_files",
+    "read_frames",
+    "read_image",
+    "read_mask",
+    "read_mask_layers",
+    "write_atomic",
+]

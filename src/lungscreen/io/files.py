@@ -1,11 +1,13 @@
-"""File helpers shared by every writer: atomic writes and folder scans."""
+"""File helpers shared by every writer and reader: atomic writes, content hashes, folder scans."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -68,3 +70,19 @@ def iter_image_files(*inputs: str | Path) -> Iterator[Path]:
             yield from sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield item
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so repeated calls cost one ``stat``."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -46,28 +46,28 @@ Example:
 """
 
 from lungscreen.lungs.classical import classical_lung_mask
-from lungscreen.lungs.data import CONVENTIONS, load_pair, mask_rows, read_reference_mask
+from lungscreen.lungs.data import CONVENTIONS, mask_rows
 from lungscreen.lungs.postprocess import clean_mask, fill_holes, keep_largest_components
 from lungscreen.lungs.segmenter import (
     ClassicalSegmenter,
     UNetSegmenter,
     default_model_path,
-    file_sha256,
     load_segmenter,
 )
+from lungscreen.lungs.step import LungModelWarning, SegmentLungs, find_lung_model
 
 __all__ = [
     "CONVENTIONS",
+    "LungModelWarning",
+    "SegmentLungs",
+    "find_lung_model",
     "ClassicalSegmenter",
     "UNetSegmenter",
     "classical_lung_mask",
     "clean_mask",
     "default_model_path",
-    "file_sha256",
     "fill_holes",
     "keep_largest_components",
-    "load_pair",
     "load_segmenter",
     "mask_rows",
-    "read_reference_mask",
 ]

@@ -15,40 +15,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.progress import Progress
 
 from lungscreen.errors import LeakageError, LungscreenError
-from lungscreen.evaluation.metrics import Estimate, bootstrap_ci
-from lungscreen.io.images import read_image
-from lungscreen.lungs.data import mask_rows, read_reference_mask, with_splits
-from lungscreen.progress import progress_bar
-
-
-def progress_or_quiet(enabled: bool) -> Progress:
-    """The shared progress display, or a disabled one (tests, workers)."""
-    return progress_bar() if enabled else Progress(disable=True)
-
-
-def dice_iou(predicted: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> tuple[float, float]:
-    """Dice and IoU of two bool masks, pixels marked in ``ignore`` left out; both empty counts as perfect.
-
-    Example:
-        >>> a = np.zeros((4, 4), bool); a[:2] = True
-        >>> b = np.zeros((4, 4), bool); b[:1] = True
-        >>> tuple(round(v, 3) for v in dice_iou(a, b))
-        (0.667, 0.5)
-    """
-    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
-    if predicted.shape != truth.shape:
-        raise ValueError(f"masks differ in shape: {predicted.shape} and {truth.shape}")
-    if ignore is not None:
-        valid = ~np.asarray(ignore, bool)
-        predicted, truth = predicted & valid, truth & valid
-    intersection = int(np.count_nonzero(predicted & truth))
-    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))
-    if total == 0:
-        return 1.0, 1.0
-    return 2.0 * intersection / total, intersection / (total - intersection)
+from lungscreen.evaluation.metrics import Estimate, bootstrap_ci, dice_iou
+from lungscreen.data.splits import with_splits
+from lungscreen.io.images import read_image, read_mask_layers
+from lungscreen.lungs.data import mask_rows
+from lungscreen.progress import progress_or_quiet
 
 
 @dataclass(frozen=True)
@@ -110,7 +83,7 @@ def evaluation_rows(frame: pd.DataFrame, split: str | None = "test", default_con
 
 def check_held_out(segmenter, rows: pd.DataFrame) -> None:
     """Refuse to score a trained model on the patients it was trained on."""
-    trained = set(getattr(segmenter, "meta", {}).get("extra", {}).get("train_patients", []))
+    trained = getattr(segmenter, "train_patients", set())
     overlap = sorted(trained & set(rows["patient_id"].astype(str)))
     if overlap:
         raise LeakageError(f"{len(overlap)} evaluated patient(s) were in the lung model's training set "
@@ -134,7 +107,7 @@ def evaluate_segmenter(segmenter, rows: pd.DataFrame, *, batch_size: int = 16, p
             for row in records[start:start + batch_size]:
                 try:
                     image = read_image(row["image_path"]).pixels
-                    reference = read_reference_mask(row["mask_path"], image.shape)
+                    reference = read_mask_layers(row["mask_path"], image.shape)
                 except LungscreenError as error:
                     skipped.append((row["image_path"], str(error)))
                     continue

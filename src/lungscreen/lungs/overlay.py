@@ -12,7 +12,7 @@ from rich.console import Console
 from lungscreen.errors import LungscreenError
 from lungscreen.io.files import write_png
 from lungscreen.io.images import read_image
-from lungscreen.lungs.evaluate import progress_or_quiet
+from lungscreen.progress import progress_or_quiet
 from lungscreen.preprocessing.transforms import to_uint8
 
 #: Overlay colours (BGR, as OpenCV writes them): lungs tinted red, their outline yellow.

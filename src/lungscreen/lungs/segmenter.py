@@ -4,31 +4,27 @@
 images in one forward pass (the fast path). A segmenter may return an empty mask (nothing lung-like found):
 evaluation scores it, and the preprocessing step ``apply_lung_mask`` refuses it with a clear error.
 
-The U-Net sees every image the same way, in training and at use: resized to 256 x 256 (area averaging)
-and histogram-equalized, so exposure differences between hospitals do not reach it. Its output for the
-requested convention is thresholded at 0.5, cleaned at 256 px (two largest regions, holes filled), and
-brought back to the image's size with bilinear interpolation of the cleaned mask (smooth edges).
+The U-Net is fed through the one input path (:mod:`lungscreen.preprocessing.model_input`) with the input
+spec its checkpoint carries (histogram-equalized, 256 x 256 for the shipped recipe), exactly as the
+training engine fed it. Its output for the requested convention is thresholded at 0.5, cleaned at the
+working size (two largest regions, holes filled), and brought back to the image's size with bilinear
+interpolation of the cleaned mask (smooth edges).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-import cv2
 import numpy as np
 
 from lungscreen.lungs.classical import classical_lung_mask
 from lungscreen.lungs.data import CONVENTIONS
 from lungscreen.lungs.postprocess import clean_mask
-from lungscreen.preprocessing.transforms import (
-    PreprocessingError,
-    equalize_image,
-    resize_image,
-)
+from lungscreen.preprocessing.model_input import prepare, to_tensor
+from lungscreen.preprocessing.transforms import PreprocessingError
 
 #: Model name of the lung U-Net in the registry.
 MODEL_NAME = "lung_unet"
@@ -41,34 +37,6 @@ def default_model_path() -> Path:
         return Path(os.environ["LUNGSCREEN_LUNG_MODEL"]).expanduser()
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "lungscreen" / "lung_unet.pt"
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) so repeated calls cost one ``stat``."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare_input(image: np.ndarray, size: int) -> np.ndarray:
-    """The U-Net's view of an image: ``size`` x ``size``, histogram-equalized, float32 in [0, 1]."""
-    return equalize_image(resize_image(np.asarray(image, np.float32), size, size))
-
-
-def to_image_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A mask from the working size to the image's, with bilinear smoothing of its edge."""
-    if mask.shape == (height, width):
-        return mask
-    return cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
 class Segmenter(Protocol):
@@ -98,27 +66,31 @@ class ClassicalSegmenter:
 
 
 class UNetSegmenter:
-    """A trained lung U-Net (our checkpoint format) and the convention whose channel it reads.
+    """A trained lung U-Net (a segmentation checkpoint) and the convention whose channel it reads.
 
     Args:
-        model: the network, in eval mode.
-        meta: checkpoint metadata (``class_names`` = conventions, ``preprocessing.input_size``).
+        checkpoint: the loaded checkpoint (model in eval mode, its inference spec).
         convention: which output channel to use.
-        weights_sha256: hash of the checkpoint file (recorded in pipelines and reports).
         batch_size: images per forward pass in :meth:`segment_batch`.
+        threshold: probability at or above which a pixel is lung.
     """
 
     method = "unet"
 
-    def __init__(self, model, meta: dict, convention: str, weights_sha256: str | None = None,
-                 batch_size: int = 16, threshold: float = 0.5) -> None:
-        names = list(meta.get("class_names", []))
-        if convention not in names:
-            raise PreprocessingError(f"the lung model draws {', '.join(names)}, not {convention!r}")
-        self.model, self.meta, self.convention = model, meta, convention
-        self.channel = names.index(convention)
-        self.input_size = int(meta.get("preprocessing", {}).get("input_size", 256))
-        self.weights_sha256 = weights_sha256
+    def __init__(self, checkpoint, convention: str, batch_size: int = 16, threshold: float = 0.5) -> None:  # noqa: ANN001
+        head = checkpoint.spec.head()
+        if head.kind != "segmentation":
+            raise PreprocessingError(f"{checkpoint.path}: a {head.kind} model, not a lung segmentation model")
+        if convention not in head.classes:
+            raise PreprocessingError(f"the lung model draws {', '.join(head.classes)}, not {convention!r}")
+        self.checkpoint, self.convention = checkpoint, convention
+        self.classes = list(head.classes)
+        self.channel = self.classes.index(convention)
+        self.spec = checkpoint.spec
+        self.pipeline = checkpoint.spec.input.load_pipeline()
+        self.input_size = checkpoint.spec.input.size
+        self.weights_sha256 = checkpoint.sha256
+        self.train_patients = set(checkpoint.meta.get("extra", {}).get("train_patients", []))
         self.batch_size, self.threshold = batch_size, threshold
 
     @classmethod
@@ -126,33 +98,30 @@ class UNetSegmenter:
         """Load a lung model written by ``lungscreen lungs train``.
 
         Raises:
-            PreprocessingError: the file is not a lung segmentation model.
-            WeightsError / UnsafeWeightsError: unreadable or unsafe file.
+            PreprocessingError: the file is not a segmentation model drawing ``convention``.
+            WeightsError / UnsafeWeightsError / ConfigError: unreadable, unsafe or inconsistent file.
         """
         from lungscreen.models import load_checkpoint
 
-        model, meta = load_checkpoint(path)
-        if meta.get("name") != MODEL_NAME:
-            raise PreprocessingError(f"{path}: a {meta.get('name')!r} checkpoint, not a lung model ({MODEL_NAME})")
-        return cls(model, meta, convention, file_sha256(path))
+        return cls(load_checkpoint(path), convention)
 
-    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
-        """Sigmoid outputs (N, conventions, S, S) for images of any size."""
+    def probabilities(self, images: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """Sigmoid outputs (N, conventions, S, S) for images of any size, and each input's geometry."""
         import torch
 
-        batch = np.stack([prepare_input(image, self.input_size) for image in images])[:, None]
+        samples = [prepare(image, self.spec.input, self.pipeline) for image in images]
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(batch))
-        return torch.sigmoid(logits).numpy()
+            logits = self.checkpoint.model(to_tensor([s.image for s in samples], self.spec.input))
+        return self.spec.activate(logits).numpy(), [s.geometry for s in samples]
 
     def segment_batch(self, images: list[np.ndarray], convention: str | None = None) -> list[np.ndarray]:
-        channel = self.channel if convention is None else list(self.meta["class_names"]).index(convention)
+        channel = self.channel if convention is None else self.classes.index(convention)
         masks = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            probabilities = self.probabilities(chunk)[:, channel]
-            for image, probability in zip(chunk, probabilities, strict=True):
-                masks.append(to_image_size(clean_mask(probability >= self.threshold), *image.shape))
+            probabilities, geometries = self.probabilities(images[start:start + self.batch_size])
+            for probability, geometry in zip(probabilities[:, channel], geometries, strict=True):
+                cleaned = clean_mask(probability >= self.threshold).astype(np.float32)
+                masks.append(geometry.to_original(cleaned) >= 0.5)
         return masks
 
     def segment(self, image: np.ndarray) -> np.ndarray:

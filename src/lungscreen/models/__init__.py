@@ -8,6 +8,9 @@ Example:
     >>> model.features(torch.zeros(2, 1, 64, 64)).shape   # doctest: +SKIP
     torch.Size([2, 256])
 
+A checkpoint carries its model's :class:`InferenceSpec` (input size, channels, scaling, preprocessing,
+heads and their activations, modality, operating point); every consumer reads it and nothing else.
+
 Every classification model has ``features(x)``, ``classifier``, ``cam_layer``, ``layer_groups()`` and
 ``min_input_size`` (see :mod:`lungscreen.models.registry` for what each task requires), accepts 1 or 3
 input channels and any input side >= ``min_input_size``. Checkpoints (:func:`save_checkpoint`) hold JSON
@@ -24,7 +27,15 @@ metadata and tensors only, and are read with ``torch.load(weights_only=True)``.
 """
 
 from lungscreen.models import conv8, covidnet, densenet, resnets, squeezenet, unet  # noqa: F401  (registers them)
-from lungscreen.models.checkpoint import load_checkpoint, save_checkpoint
+from lungscreen.models.checkpoint import (
+    Checkpoint,
+    convert_v1,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from lungscreen.models.inference_spec import Head, InferenceSpec, OperatingPoint
 from lungscreen.models.complexity import Complexity, complexity, count_macs, count_parameters
 from lungscreen.models.registry import (
     TASKS,
@@ -40,6 +51,13 @@ from lungscreen.models.weights import UnsafeWeightsError, WeightsError
 
 __all__ = [
     "TASKS",
+    "Checkpoint",
+    "Head",
+    "InferenceSpec",
+    "OperatingPoint",
+    "convert_v1",
+    "read_checkpoint",
+    "resolve_checkpoint",
     "Complexity",
     "ModelInfo",
     "ModelSpec",

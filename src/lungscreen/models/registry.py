@@ -14,6 +14,8 @@ What each task requires of a model (checked by :func:`create`):
   ``layer_groups()`` (input side first, head last) and ``min_input_size``.
 - ``"segmentation"``: ``forward(x) -> (N, num_classes, H, W)`` logits and ``min_input_size``.
   ``layer_groups()`` and a ``head`` (the output layer, what ``reset_head`` re-initialises) are optional.
+- ``"multitask"``: ``num_classes`` maps head names to output counts and ``forward(x)`` returns a dict of
+  the heads' logits under those names; ``min_input_size``.
 
 For every task: ``defaults`` must list every option the factory accepts (``create`` refuses others by
 name); the factory raises ``ValueError`` on a bad value (``create`` reports it as a ``ConfigError``); the
@@ -41,13 +43,14 @@ from torch import nn
 
 from lungscreen.errors import ConfigError
 
-Task = Literal["classification", "multilabel", "segmentation"]
-TASKS: tuple[str, ...] = ("classification", "multilabel", "segmentation")
+Task = Literal["classification", "multilabel", "segmentation", "multitask"]
+TASKS: tuple[str, ...] = ("classification", "multilabel", "segmentation", "multitask")
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "classification": ("features", "classifier", "cam_layer", "layer_groups", "min_input_size"),
     "multilabel": ("features", "classifier", "cam_layer", "layer_groups", "min_input_size"),
     "segmentation": ("min_input_size",),
+    "multitask": ("min_input_size",),
 }
 
 
@@ -81,7 +84,7 @@ class ModelSpec:
     """How a model was built: enough to build it again (stored in checkpoints as JSON)."""
 
     name: str
-    num_classes: int
+    num_classes: int | dict[str, int]
     in_channels: int
     kwargs: dict[str, Any]
 
@@ -159,7 +162,7 @@ def model_info(name: str) -> ModelInfo:
 
 def create(
     name: str,
-    num_classes: int = 3,
+    num_classes: int | dict[str, int] = 3,
     in_channels: int = 1,
     pretrained: str | None = None,
     weights: str | Path | None = None,
@@ -194,8 +197,7 @@ def create(
     from lungscreen.models import weights as weight_loading  # cyclic: weights uses the registry
 
     info = model_info(name)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    _check_num_classes(num_classes, info.task)
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"in_channels must be a positive integer, got {in_channels!r}")
     unknown = sorted(set(kwargs) - set(info.defaults))
@@ -219,6 +221,17 @@ def create(
     elif weights is not None:
         weight_loading.load_weights(model, weights, reset_head=reset_head)
     return model
+
+
+def _check_num_classes(num_classes: Any, task: str) -> None:
+    """An output count; a multi-task model takes head name -> count (its forward returns one output per head)."""
+    if task == "multitask":
+        if not isinstance(num_classes, dict) or not num_classes or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in num_classes.values()):
+            raise ConfigError(f"num_classes of a multi-task model must map head names to positive integers, "
+                              f"got {num_classes!r}")
+    elif not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
 def _check_known(name: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal
 
-import torch
 import torchvision
 from torch import Tensor, nn
 

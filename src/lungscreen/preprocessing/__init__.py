@@ -6,14 +6,15 @@ Example:
     >>> pixels = pipeline(read_image("chest.png").pixels)                 # doctest: +SKIP
 
 See :mod:`lungscreen.preprocessing.pipelines` for the named chains and how a checkpoint carries one, and
-:mod:`lungscreen.preprocessing.cache` for ``preprocess_manifest`` / ``process_file``.
+:mod:`lungscreen.preprocessing.cache` for ``preprocess_manifest`` / ``preprocess_file``.
 """
 
 from lungscreen.preprocessing.cache import (
     PreprocessCache,
     PreprocessResult,
     preprocess_manifest,
-    process_file,
+    preprocess_file,
+    read_sample,
     run_file,
 )
 from lungscreen.preprocessing.pipelines import (
@@ -26,7 +27,6 @@ from lungscreen.preprocessing.pipelines import (
 from lungscreen.preprocessing.transforms import (
     LUNGS,
     REFERENCE,
-    LungModelWarning,
     PreprocessingError,
     Sample,
     Transform,
@@ -39,7 +39,6 @@ __all__ = [
     "LUNGS",
     "PIPELINES",
     "REFERENCE",
-    "LungModelWarning",
     "Pipeline",
     "PreprocessCache",
     "PreprocessResult",
@@ -51,8 +50,9 @@ __all__ = [
     "list_transforms",
     "load_pipeline",
     "preprocess_manifest",
-    "process_file",
+    "preprocess_file",
     "register_transform",
+    "read_sample",
     "run_file",
     "transform_from_dict",
 ]

@@ -5,8 +5,9 @@ Layout under a cache root::
     ROOT/<pipeline name>-<pipeline key>/pipeline.json        the resolved pipeline (what made these files)
     ROOT/<pipeline name>-<pipeline key>/ab/<item key>.png    the preprocessed image (8-bit gray)
                                           <item key>.mask.png   the row's reference mask, moved with the image
+                                                                (255 lung, 127 unknown as v7labs' "Ignore", 0)
                                           <item key>.lungs.png  the lung mask segment_lungs drew
-                                          <item key>.json       size, boxes, lung method; or the error
+                                          <item key>.json       size, boxes, geometry, lung method; or the error
 
 * The **pipeline key** hashes the resolved pipeline: every step's parameters and, for ``segment_lungs``,
   the method used and the lung model's SHA-256. Change a parameter or retrain the lung model and the key
@@ -17,7 +18,9 @@ Layout under a cache root::
   recorded too (a blank image stays blank), so a second run does no work at all.
 
 :func:`preprocess_manifest` runs this over a manifest in parallel processes and writes a new manifest
-pointing at the cached files; :func:`process_file` is the one-image entry the training engine uses.
+pointing at the cached files; :func:`preprocess_file` is the one-image entry the training engine uses.
+Either way the image is :func:`~lungscreen.preprocessing.model_input.preprocess`'s 8-bit picture, so a
+cached image and a freshly computed one are the same bytes.
 """
 
 from __future__ import annotations
@@ -31,25 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
-from lungscreen.data.manifest import boxes_for_size, encode_boxes, save_manifest
+from lungscreen.data.manifest import boxes_for_size, decode_boxes, encode_boxes, save_manifest
 from lungscreen.errors import ImageReadError, LungscreenError
 from lungscreen.io.files import atomic_path, write_png
-from lungscreen.io.images import read_image
+from lungscreen.io.images import read_image, read_mask_layers
+from lungscreen.preprocessing.geometry import Geometry
+from lungscreen.preprocessing.model_input import preprocess
 from lungscreen.preprocessing.pipelines import Pipeline, load_pipeline
-from lungscreen.preprocessing.transforms import (
-    LUNGS,
-    REFERENCE,
-    PreprocessingError,
-    Sample,
-    params_digest,
-    to_uint8,
-)
+from lungscreen.preprocessing.transforms import IGNORE, LUNGS, REFERENCE, PreprocessingError, Sample, params_digest
+from lungscreen.progress import progress_or_quiet
+
+#: Mask key -> file suffix of the cached mask (the reference file also carries the unknown pixels, grey).
+MASK_FILES = {REFERENCE: ".mask.png", LUNGS: ".lungs.png"}
 
 #: Bump when the cache layout or the meaning of its files changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Rows sent to a worker at a time (amortises inter-process traffic, keeps the progress bar moving).
 CHUNK = 8
 
@@ -122,17 +125,39 @@ class PreprocessCache:
             record = {"ok": False, "error": str(error)}
         else:
             height, width = sample.image.shape
-            write_png(item.image, to_uint8(sample.image))
-            for name, suffix in ((REFERENCE, ".mask.png"), (LUNGS, ".lungs.png")):
-                if name in sample.masks:
-                    write_png(item.path(suffix), sample.masks[name].astype(np.uint8) * 255)
+            write_png(item.image, sample.image)
+            if REFERENCE in sample.masks:
+                write_png(item.path(MASK_FILES[REFERENCE]), _three_level(sample.masks[REFERENCE], sample.masks.get(IGNORE)))
+            if LUNGS in sample.masks:
+                write_png(item.path(MASK_FILES[LUNGS]), sample.masks[LUNGS].astype(np.uint8) * 255)
             boxes = [(*map(float, box), label) for box, label in zip(sample.boxes, sample.box_labels, strict=True)]
             record = {"ok": True, "width": width, "height": height, "boxes": encode_boxes(boxes),
-                      "lung_method": sample.info.get("lung_method", ""),
-                      "reference": REFERENCE in sample.masks, "lungs": LUNGS in sample.masks}
+                      "lung_method": sample.info.get("lung_method", ""), "geometry": sample.geometry.as_dict(),
+                      "masks": sorted(name for name in MASK_FILES if name in sample.masks)}
         with atomic_path(item.record) as temporary:
             temporary.write_text(json.dumps(record))
         return record
+
+    def load(self, item: CachedItem, record: dict[str, Any]) -> Sample:
+        """The cached sample of a complete item; :class:`PreprocessingError` for a recorded failure."""
+        if not record["ok"]:
+            raise PreprocessingError(record["error"])
+        image = cv2.imread(str(item.image), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise PreprocessingError(f"{item.image}: cached image missing or unreadable; delete the cache folder")
+        masks: dict[str, np.ndarray] = {}
+        if REFERENCE in record["masks"]:
+            layers = read_mask_layers(item.path(MASK_FILES[REFERENCE]))
+            masks[REFERENCE] = layers.lung
+            if layers.ignore.any():
+                masks[IGNORE] = layers.ignore
+        if LUNGS in record["masks"]:
+            masks[LUNGS] = read_mask_layers(item.path(MASK_FILES[LUNGS])).lung
+        boxes = decode_boxes(record["boxes"])
+        geometry = record["geometry"]
+        return Sample(image, masks, np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4),
+                      [str(b[4]) for b in boxes], {"lung_method": record["lung_method"]},
+                      Geometry(geometry["width"], geometry["height"], tuple(geometry["box"])))
 
     def get(self, image_path: str, mask_path: str | None = None, row: dict | None = None) -> tuple[CachedItem, dict]:
         """The item and its record, computing it on a miss."""
@@ -147,18 +172,34 @@ def _box_key(row: dict | None) -> str:
     return f"{row['boxes']}|{row.get('box_frame_width', 0)}|{row.get('box_frame_height', 0)}"
 
 
-def run_file(pipeline: Pipeline, image_path: str, mask_path: str | None = None, row: dict | None = None) -> Sample:
-    """Read an image (and its reference mask and boxes), run the pipeline; errors name the file."""
-    from lungscreen.lungs.data import read_reference_mask
+def _three_level(lung: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
+    """A reference mask as one 8-bit picture: 255 lung, 127 unknown (v7labs' convention), 0 background."""
+    picture = lung.astype(np.uint8) * 255
+    if ignore is not None:
+        picture[ignore & ~lung] = 127
+    return picture
 
+
+def read_sample(image_path: str, mask_path: str | None = None, row: dict | None = None) -> Sample:
+    """Decode an image with its reference mask (lung and unknown pixels) and its boxes, in the image's frame."""
     image = read_image(image_path).pixels
     height, width = image.shape
-    masks = {REFERENCE: read_reference_mask(mask_path, image.shape).lung} if mask_path else {}
+    masks: dict[str, np.ndarray] = {}
+    if mask_path:
+        layers = read_mask_layers(mask_path, image.shape)
+        masks[REFERENCE] = layers.lung
+        if layers.ignore.any():
+            masks[IGNORE] = layers.ignore
     boxes = boxes_for_size(row, width, height) if row and row.get("boxes") else []
-    sample = Sample(image, masks, np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4),
-                    [str(b[4]) for b in boxes])
+    return Sample(image, masks, np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4),
+                  [str(b[4]) for b in boxes])
+
+
+def run_file(pipeline: Pipeline, image_path: str, mask_path: str | None = None, row: dict | None = None) -> Sample:
+    """Read an image (and its reference mask and boxes) and :func:`preprocess` it; errors name the file."""
+    sample = read_sample(image_path, mask_path, row)
     try:
-        return pipeline.apply(sample)
+        return preprocess(sample, pipeline)
     except PreprocessingError as error:
         raise PreprocessingError(f"{image_path}: {error}") from None
 
@@ -166,28 +207,24 @@ def run_file(pipeline: Pipeline, image_path: str, mask_path: str | None = None, 
 _CACHES: dict[tuple[str, Pipeline], PreprocessCache] = {}
 
 
-def process_file(pipeline: str | dict | Pipeline, path: str, mask_path: str | None = None,
-                 cache_dir: str | Path | None = None) -> np.ndarray:
-    """One image through a pipeline: float32 (H', W') in [0, 1]; through the disk cache when ``cache_dir`` is set.
+def preprocess_file(pipeline: str | dict | Pipeline, path: str, mask_path: str | None = None,
+                    row: dict | None = None, cache_dir: str | Path | None = None) -> Sample:
+    """One image (with its reference mask and boxes) preprocessed; through the disk cache when ``cache_dir`` is set.
 
-    The image never depends on ``mask_path`` (the row's reference mask is not used in place of the lung
-    segmenter's, so every source gets the same kind of mask). With a cache it is part of the item's
-    identity, so a training run pointed at ``lungscreen preprocess``'s cache folder reuses its files; without
-    one it is not even read.
+    The picture never depends on ``mask_path``: the row's reference mask only rides along (moved by the
+    crops) as a training target; the lung step draws its own mask on every image, whatever its source.
 
     Raises:
         ImageReadError / PreprocessingError: the file cannot be read or preprocessed (cached failures too).
     """
     pipeline = load_pipeline(pipeline)
     if cache_dir is None:
-        return run_file(pipeline, path).image
+        return run_file(pipeline, path, mask_path, row)
     cache = _CACHES.get((str(cache_dir), pipeline))
     if cache is None:
         cache = _CACHES[(str(cache_dir), pipeline)] = PreprocessCache(cache_dir, pipeline)
-    item, record = cache.get(path, mask_path)
-    if not record["ok"]:
-        raise PreprocessingError(record["error"])
-    return read_image(item.image).pixels
+    item, record = cache.get(path, mask_path, row)
+    return cache.load(item, record)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,12 +247,13 @@ class PreprocessResult:
 _WORKER_CACHE: PreprocessCache | None = None
 
 
-def _init_worker(root: str, spec: dict, threads: int) -> None:
+def _init_worker(root: str, pipeline: Pipeline, threads: int) -> None:
+    """Runs in each spawned worker; the pipeline arrives pickled (its steps' modules import themselves)."""
     global _WORKER_CACHE
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER_CACHE = PreprocessCache(root, Pipeline.from_dict(spec))
+    _WORKER_CACHE = PreprocessCache(root, pipeline)
 
 
 def _work(jobs: list[tuple[int, str, str | None, dict]]) -> list[tuple[int, dict]]:
@@ -243,8 +281,6 @@ def preprocess_manifest(frame: pd.DataFrame, pipeline: str | dict | Pipeline, ou
         workers: processes (each runs torch on one thread); 1 runs in this process.
         progress: show a progress bar.
     """
-    from lungscreen.lungs.evaluate import progress_or_quiet
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     cache = PreprocessCache(out_dir / "cache", pipeline)
@@ -310,7 +346,7 @@ def _run(cache: PreprocessCache, pending: list, workers: int):
     # spawn, not fork: a forked copy of a process that already started torch threads can deadlock.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(cache.folder.parent), cache.spec, 1)) as pool:
+                             initargs=(str(cache.folder.parent), cache.pipeline, 1)) as pool:
         for future in as_completed([pool.submit(_work, chunk) for chunk in chunks]):
             yield from future.result()
 
@@ -319,8 +355,8 @@ def _output_row(row: dict, item: CachedItem, record: dict, cache: PreprocessCach
     row["original_image_path"] = row.get("original_image_path") or row["image_path"]
     row["original_mask_path"] = row.get("mask_path", "")
     row["image_path"] = str(item.image)
-    row["mask_path"] = str(item.path(".mask.png")) if record.get("reference") else ""
-    row["lung_mask_path"] = str(item.path(".lungs.png")) if record.get("lungs") else ""
+    row["mask_path"] = str(item.path(MASK_FILES[REFERENCE])) if REFERENCE in record["masks"] else ""
+    row["lung_mask_path"] = str(item.path(MASK_FILES[LUNGS])) if LUNGS in record["masks"] else ""
     row["pipeline"] = cache.pipeline.name
     row["pipeline_key"] = cache.key
     if row.get("boxes"):
@@ -331,5 +367,5 @@ def _output_row(row: dict, item: CachedItem, record: dict, cache: PreprocessCach
     return row
 
 
-__all__ = ["CACHE_VERSION", "PreprocessCache", "PreprocessResult", "file_identity", "preprocess_manifest",
-           "process_file", "run_file"]
+__all__ = ["CACHE_VERSION", "PreprocessCache", "PreprocessResult", "file_identity", "preprocess_file",
+           "preprocess_manifest", "read_sample", "run_file"]

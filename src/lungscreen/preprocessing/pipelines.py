@@ -14,10 +14,8 @@
 Any parameter can be changed by name (``get_pipeline("tartaglione", {"apply_lung_mask.blur_radius": 5})``),
 and a pipeline given as a dict (``{"name": ..., "steps": [...]}``) is rebuilt by :meth:`Pipeline.from_dict`.
 
-At predict time, apply a run's pipeline to one image exactly as in training::
-
-    pipeline = Pipeline.from_dict(meta["preprocessing"]["pipeline"])   # from load_checkpoint(...)
-    pixels = pipeline(read_image(path).pixels)                        # float32 (H', W') in [0, 1]
+A checkpoint stores its pipeline in its inference spec; :mod:`lungscreen.preprocessing.model_input`
+runs it, with the resizing and scaling, the one way training and every consumer share.
 
 :meth:`Pipeline.to_dict` stores the *resolved* chain: for ``segment_lungs`` the method actually used
 (``unet`` or ``classical``) and the lung model's SHA-256, so a stored pipeline never silently switches
@@ -26,7 +24,7 @@ segmenter on another machine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,21 +32,16 @@ import numpy as np
 
 from lungscreen.errors import ConfigError
 from lungscreen.preprocessing.transforms import (
-    CLAHE,
     LUNGS,
-    ApplyLungMask,
-    CenterSquare,
-    CropToLungs,
-    Equalize,
-    Normalize,
     PreprocessingError,
     Sample,
-    SegmentLungs,
-    TopCrop,
     Transform,
     check_image,
     transform_from_dict,
 )
+
+#: Name of the lung segmentation step (registered by :mod:`lungscreen.lungs.step`).
+SEGMENT_LUNGS = "segment_lungs"
 
 
 @dataclass(frozen=True)
@@ -75,18 +68,19 @@ class Pipeline:
             if np.shape(mask) != image.shape:
                 raise PreprocessingError(f"{key} mask of size {_size(np.shape(mask))} does not match the image "
                                          f"size {_size(image.shape)}")
-        sample = Sample(image, dict(sample.masks), sample.boxes, list(sample.box_labels), dict(sample.info))
+        sample = sample.replace(image=image).framed()
         for step in self.steps:
             sample = step(sample)
         return sample
 
     @property
     def segments_lungs(self) -> bool:
-        return any(isinstance(step, SegmentLungs) for step in self.steps)
+        return self.lung_step is not None
 
     @property
-    def lung_step(self) -> SegmentLungs | None:
-        return next((step for step in self.steps if isinstance(step, SegmentLungs)), None)
+    def lung_step(self) -> Transform | None:
+        """The ``segment_lungs`` step, if the chain has one."""
+        return next((step for step in self.steps if step.name == SEGMENT_LUNGS), None)
 
     def resolved(self) -> Pipeline:
         """The same chain with run-time choices fixed (which lung segmenter, which model file)."""
@@ -121,18 +115,18 @@ def _size(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in reversed(shape))
 
 
-def _tartaglione() -> list[Transform]:
-    return [Equalize(), SegmentLungs(), ApplyLungMask(blur_radius=3.0), Normalize()]
+_TARTAGLIONE: list[dict[str, Any]] = [{"name": "equalize"}, {"name": SEGMENT_LUNGS},
+                                     {"name": "apply_lung_mask", "blur_radius": 3.0}, {"name": "normalize"}]
 
-
-#: Pipeline name -> factory of its steps.
-PIPELINES: dict[str, Callable[[], list[Transform]]] = {
-    "none": lambda: [Normalize()],
-    "covidnet": lambda: [TopCrop(fraction=0.08), CenterSquare(), Normalize()],
-    "equalize": lambda: [Equalize(), Normalize()],
-    "clahe": lambda: [CLAHE(clip_limit=2.0, tile_grid=8), Normalize()],
-    "tartaglione": _tartaglione,
-    "lungcrop": lambda: _tartaglione()[:-1] + [CropToLungs(margin=0.05), Normalize()],
+#: Pipeline name -> its steps as plain dicts (rebuilt through the step registry, where ``segment_lungs``
+#: comes from :mod:`lungscreen.lungs`).
+PIPELINES: dict[str, list[dict[str, Any]]] = {
+    "none": [{"name": "normalize"}],
+    "covidnet": [{"name": "top_crop", "fraction": 0.08}, {"name": "center_square"}, {"name": "normalize"}],
+    "equalize": [{"name": "equalize"}, {"name": "normalize"}],
+    "clahe": [{"name": "clahe", "clip_limit": 2.0, "tile_grid": 8}, {"name": "normalize"}],
+    "tartaglione": _TARTAGLIONE,
+    "lungcrop": _TARTAGLIONE[:-1] + [{"name": "crop_to_lungs", "margin": 0.05}, {"name": "normalize"}],
 }
 
 
@@ -148,7 +142,7 @@ def get_pipeline(name: str, overrides: Mapping[str, Any] | Iterable[str] | None 
     """
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
-    steps = [step.to_dict() for step in PIPELINES[name]()]
+    steps = [dict(step) for step in PIPELINES[name]]
     for key, value in _parse_overrides(overrides).items():
         step_name, _, param = key.partition(".")
         matching = [spec for spec in steps if spec["name"] == step_name]

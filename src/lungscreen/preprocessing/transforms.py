@@ -19,8 +19,9 @@ The steps (paper in brackets):
 ``center_square``   the centred square of side min(height, width) (004).
 ``resize``          ``size`` x ``size`` (area averaging when shrinking; masks nearest-neighbour).
 ``normalize``       min-max rescale to [0, 1] (000); idempotent.
-``segment_lungs``   lung mask from the U-Net (or the documented classical fallback), see
-                    :mod:`lungscreen.lungs`; stored in ``sample.masks["lungs"]``, the image is unchanged.
+``segment_lungs``   lung mask from the U-Net (or the documented classical fallback); registered by
+                    :mod:`lungscreen.lungs.step` (preprocessing stands beneath segmentation and never
+                    imports it); stored in ``sample.masks["lungs"]``, the image is unchanged.
 ``apply_lung_mask`` multiply by the lung mask blurred with a Gaussian of ``blur_radius`` px (000: 3 px,
                     so the network never sees a sharp lung edge it could use as a shape cue).
 ``crop_to_lungs``   crop to the lung bounding box plus a ``margin`` (share of the box side).
@@ -31,20 +32,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
 from lungscreen.errors import ConfigError, LungscreenError
+from lungscreen.preprocessing.geometry import Geometry
 
 #: Mask key written by ``segment_lungs`` and read by ``apply_lung_mask`` and ``crop_to_lungs``.
 LUNGS = "lungs"
 #: Mask key of a row's own reference mask (the manifest's ``mask_path``), carried through geometric steps.
 REFERENCE = "reference"
+#: Mask key of the reference mask's unknown pixels (v7labs' grey "Ignore": devices and markup over the lungs).
+IGNORE = "ignore"
 #: Below this max-min spread an image holds no picture (all white, all black, one grey).
 BLANK_SPREAD = 1e-3
 
@@ -53,20 +55,19 @@ class PreprocessingError(LungscreenError):
     """An image the preprocessing cannot handle (blank, no lungs found, mask of the wrong size, ...)."""
 
 
-class LungModelWarning(UserWarning):
-    """No trained lung model is available, so the classical fallback segments the lungs."""
-
-
 @dataclass
 class Sample:
     """An image on its way through a pipeline.
 
     Attributes:
-        image: float32 (height, width) in [0, 1].
+        image: (height, width) in [0, 1] as float32; after :func:`~lungscreen.preprocessing.model_input.preprocess`
+            the same picture quantised to uint8 (0..255).
         masks: bool (height, width) arrays aligned with ``image`` (``"lungs"``, ``"reference"``, ...).
         boxes: float (N, 4) x0, y0, x1, y1 in the image's pixels (findings), moved by geometric steps.
         box_labels: one label per box.
         info: facts steps record (e.g. ``lung_method``: which segmenter drew the lungs).
+        geometry: the window of the original image this image shows (crops update it, resizes keep it);
+            None until a pipeline starts, which sets it to the whole image.
     """
 
     image: np.ndarray
@@ -74,11 +75,21 @@ class Sample:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     box_labels: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    geometry: Geometry | None = None
 
-    def replace(self, image: np.ndarray | None = None, masks: dict[str, np.ndarray] | None = None) -> Sample:
-        """A copy with a new image (same geometry) and/or masks."""
-        return Sample(self.image if image is None else image, dict(self.masks if masks is None else masks),
-                      self.boxes, list(self.box_labels), dict(self.info))
+    def replace(self, image: np.ndarray | None = None, masks: dict[str, np.ndarray] | None = None, **changes: Any) -> Sample:
+        """A copy with a new image (same geometry), masks or other fields; containers are copied."""
+        return dataclasses.replace(self, image=self.image if image is None else image,
+                                   masks=dict(self.masks if masks is None else masks),
+                                   box_labels=list(changes.pop("box_labels", self.box_labels)),
+                                   info=dict(changes.pop("info", self.info)), **changes)
+
+    def framed(self) -> Sample:
+        """This sample with its geometry set (the whole image when none was recorded yet)."""
+        if self.geometry is not None:
+            return self
+        height, width = self.image.shape[:2]
+        return self.replace(geometry=Geometry.full(width, height))
 
 
 def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
@@ -141,7 +152,8 @@ def transform_from_dict(spec: dict[str, Any]) -> Transform:
     params = {key: value for key, value in spec.items() if key != "name"}
     name = spec["name"]
     if name not in _TRANSFORMS:
-        raise ConfigError(f"unknown preprocessing step {name!r}; known: {', '.join(list_transforms())}")
+        hint = " (it is registered by lungscreen.lungs: import that package first)" if name == "segment_lungs" else ""
+        raise ConfigError(f"unknown preprocessing step {name!r}{hint}; known: {', '.join(list_transforms())}")
     cls = _TRANSFORMS[name]
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - allowed)
@@ -177,22 +189,27 @@ class Transform:
 
 def crop(sample: Sample, y0: int, y1: int, x0: int, x1: int) -> Sample:
     """The window [y0:y1, x0:x1] of the image and every mask; boxes shifted, clipped, dropped when empty."""
+    sample = sample.framed()
+    height, width = sample.image.shape[:2]
     boxes = np.asarray(sample.boxes, np.float32).reshape(-1, 4) - np.array([x0, y0, x0, y0], np.float32)
     boxes = np.clip(boxes, 0, [x1 - x0, y1 - y0, x1 - x0, y1 - y0])
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return Sample(sample.image[y0:y1, x0:x1], {k: m[y0:y1, x0:x1] for k, m in sample.masks.items()},
-                  boxes[keep], [label for label, kept in zip(sample.box_labels, keep, strict=True) if kept],
-                  dict(sample.info))
+    return sample.replace(image=sample.image[y0:y1, x0:x1], masks={k: m[y0:y1, x0:x1] for k, m in sample.masks.items()},
+                          boxes=boxes[keep], box_labels=[label for label, kept in zip(sample.box_labels, keep, strict=True) if kept],
+                          geometry=sample.geometry.cropped(x0, y0, x1, y1, width=width, height=height))
 
 
 def resize(sample: Sample, height: int, width: int) -> Sample:
-    """The image (area/bilinear), every mask (nearest) and the boxes (scaled) at ``height`` x ``width``."""
-    old_h, old_w = sample.image.shape
+    """The image (area/bilinear), every mask (nearest) and the boxes (scaled) at ``height`` x ``width``.
+
+    The geometry is kept: a resized image still shows the same window of the original.
+    """
+    sample = sample.framed()
+    old_h, old_w = sample.image.shape[:2]
     scale = np.array([width / old_w, height / old_h] * 2, np.float32)
-    return Sample(resize_image(sample.image, height, width),
-                  {k: resize_mask(m, height, width) for k, m in sample.masks.items()},
-                  np.asarray(sample.boxes, np.float32).reshape(-1, 4) * scale, list(sample.box_labels),
-                  dict(sample.info))
+    return sample.replace(image=resize_image(sample.image, height, width),
+                          masks={k: resize_mask(m, height, width) for k, m in sample.masks.items()},
+                          boxes=np.asarray(sample.boxes, np.float32).reshape(-1, 4) * scale)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -383,120 +400,6 @@ class ApplyLungMask(Transform):
     def __call__(self, sample: Sample) -> Sample:
         soft = blur_mask(_lungs_of(sample, self.name), self.blur_radius)
         return sample.replace(image=(sample.image * soft).astype(np.float32))
-
-
-#: Values of ``segment_lungs.method``.
-LUNG_METHODS = ("auto", "unet", "classical")
-
-
-@register_transform
-@dataclass(frozen=True)
-class SegmentLungs(Transform):
-    """Draw the lungs into ``sample.masks["lungs"]`` with the trained U-Net, or the classical fallback.
-
-    The same segmenter runs on every image, whatever its source: a row's own reference mask is never used
-    in its place (sources with hand-drawn masks would get better masks than the others, a new shortcut).
-
-    Args:
-        method: ``"unet"`` (a trained lung model is required), ``"classical"`` (thresholding and
-            morphology, :mod:`lungscreen.lungs.classical`) or ``"auto"``: the U-Net when a model file is
-            found, otherwise the classical method with a :class:`LungModelWarning`. Never silently skipped.
-        model: lung model checkpoint; None uses the default path (``$LUNGSCREEN_LUNG_MODEL`` or
-            ``~/.local/share/lungscreen/lung_unet.pt``).
-        convention: which lungs to draw, ``"heart-excluded"`` (visible lung fields, as the Montgomery and
-            Shenzhen masks paper 000 trained on) or ``"behind-heart-included"`` (v7labs); see
-            :mod:`lungscreen.lungs` for why the model has one output per convention.
-        weights_sha256: SHA-256 of the model file; filled in when a pipeline is resolved, so a stored
-            pipeline refuses a different lung model instead of quietly producing other masks.
-        min_area: smallest share of the image the lungs may cover; below it the image is refused (a
-            lateral view, a CT slice, not a chest film) instead of passing on a few specks as "lungs".
-    """
-
-    name: ClassVar[str] = "segment_lungs"
-    method: str = "auto"
-    model: str | None = None
-    convention: str = "heart-excluded"
-    weights_sha256: str | None = None
-    min_area: float = 0.02
-    _segmenter: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        from lungscreen.data.sources.common import MASK_CONVENTIONS
-
-        if self.method not in LUNG_METHODS:
-            raise ConfigError(f"segment_lungs.method must be one of {', '.join(LUNG_METHODS)}, got {self.method!r}")
-        if self.convention not in MASK_CONVENTIONS:
-            raise ConfigError(f"segment_lungs.convention must be one of {', '.join(MASK_CONVENTIONS)}, "
-                              f"got {self.convention!r}")
-        self._check_positive("min_area", self.min_area, upper=1.0, zero=True)
-
-    def resolved(self) -> SegmentLungs:
-        """Fix the method and the model file (path and SHA-256) this step will use."""
-        from lungscreen.lungs.segmenter import default_model_path, file_sha256
-
-        if self.method == "classical":
-            return SegmentLungs(method="classical", convention=self.convention, min_area=self.min_area)
-        path = find_lung_model(self.model, self.weights_sha256)
-        if path is None and self.weights_sha256:
-            raise PreprocessingError(
-                f"this pipeline needs the lung model with SHA-256 {self.weights_sha256[:16]}... (made from "
-                f"{self.model}); no file with that hash there or at {default_model_path()} ($LUNGSCREEN_LUNG_MODEL)")
-        if path is None:
-            if self.method == "unet":
-                raise PreprocessingError(
-                    f"no lung model at {default_model_path()}: train one with `lungscreen lungs train MANIFEST` "
-                    "(or give segment_lungs.model)")
-            warnings.warn(
-                f"NO TRAINED LUNG MODEL (looked for {default_model_path()}): the lungs are segmented with the "
-                "classical threshold + morphology fallback, which is much less accurate than the U-Net. Train "
-                "the U-Net with `lungscreen lungs train MANIFEST` and preprocess again.",
-                LungModelWarning, stacklevel=2)
-            return SegmentLungs(method="classical", convention=self.convention, min_area=self.min_area)
-        return SegmentLungs(method="unet", model=str(path.resolve()), convention=self.convention,
-                            weights_sha256=file_sha256(path), min_area=self.min_area)
-
-    def segmenter(self):
-        """The segmenter this step runs (loaded once per process)."""
-        if self._segmenter is None:
-            from lungscreen.lungs.segmenter import load_segmenter
-
-            step = self.resolved()
-            object.__setattr__(self, "_segmenter", load_segmenter(step.method, step.model, step.convention))
-        return self._segmenter
-
-    def __call__(self, sample: Sample) -> Sample:
-        segmenter = self.segmenter()
-        lungs = segmenter.segment(sample.image)
-        share = float(lungs.mean())
-        if share < self.min_area:
-            raise PreprocessingError(f"the lungs found cover {share:.1%} of the image (minimum {self.min_area:.0%}): "
-                                     "a lateral view, a CT slice or not a chest radiograph?")
-        out = sample.replace(masks={**sample.masks, LUNGS: lungs})
-        out.info["lung_method"] = segmenter.method
-        return out
-
-
-def find_lung_model(model: str | None, sha256: str | None = None) -> Path | None:
-    """The lung model file to use: ``model`` if given, else the default path (``$LUNGSCREEN_LUNG_MODEL`` or
-    ``~/.local/share/lungscreen/lung_unet.pt``).
-
-    When ``sha256`` is given (a stored pipeline) only a file with that exact hash is accepted, looked for at
-    ``model`` first and then at the default path, so a pipeline moves between machines with its model.
-
-    Raises:
-        PreprocessingError: ``model`` was named explicitly (without a hash) and does not exist.
-    """
-    from lungscreen.lungs.segmenter import default_model_path, file_sha256
-
-    if model and not sha256 and not Path(model).is_file():
-        raise PreprocessingError(f"lung model {model}: no such file")
-    candidates = [Path(model)] if model else []
-    if sha256 or not model:
-        candidates.append(default_model_path())
-    for path in candidates:
-        if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
-            return path
-    return None
 
 
 def params_digest(spec: Any) -> str:

@@ -35,7 +35,7 @@ def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module 
             self._start, self._images = time.perf_counter(), 0
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            self._images += len(batch["label"]) * self.world_size
+            self._images += len(batch["image"]) * self.world_size
 
         def on_validation_start(self, trainer, module) -> None:  # noqa: ANN001
             if not trainer.sanity_checking:

@@ -1,12 +1,13 @@
-"""Training configs: YAML recipes read into validated dataclasses.
+"""Training configs: YAML recipes validated into pydantic models.
 
 A recipe is one YAML file (see ``src/lungscreen/configs/``). It names the data, the model and a list of
 *stages*; each stage has its own image size, epochs, trainable layer groups, optimizer, schedule and loss,
 so progressive resizing and freeze-then-unfreeze are just stages. A ``defaults:`` block is merged into
 every stage, so a recipe states what is common once.
 
-Every error names its key in the dotted form ``--set`` uses (``stages.1.optimizer.lr: must be > 0``), and
-unknown keys are refused, so a typo never trains silently with a default.
+Every error is one :class:`~lungscreen.errors.ConfigError` naming its key in the dotted form ``--set`` uses
+(``stages.1.optimizer.lr: must be > 0``), and unknown keys are refused, so a typo never trains silently
+with a default. The validated objects are plain mutable models: code may read and assign attributes.
 
 Example:
     >>> config = load_config("configs/covid-resnet-cpu.yaml", ["stages.0.epochs=1"])   # doctest: +SKIP
@@ -17,46 +18,72 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, StrictBool
+from pydantic import ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from lungscreen.data.labels import CANONICAL_LABELS, TASKS, Task
 from lungscreen.errors import ConfigError
+from lungscreen.training.overrides import apply_overrides, deep_merge, set_key
+from lungscreen.training.recipe_checks import TaskSpec, check_semantics, default_monitor, resolve_task
+
+__all__ = [
+    "CONFIG_DIR", "DEFAULT_SEARCH", "BalanceConfig", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig",
+    "LossConfig", "LRFindConfig", "StageConfig", "MonitorConfig", "TrackingConfig", "ParamRange", "TuneConfig",
+    "DistributedConfig", "TrainConfig", "load_config", "resolve_config_path", "read_yaml", "from_dict", "to_raw",
+    "apply_overrides", "set_key", "error_message",
+]
 
 #: Folder of the recipes shipped with the package (the repo-root ``configs/`` links here).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be > 0, got {value}"
+def _no_bool(kind: str) -> BeforeValidator:
+    """Refuse ``true``/``false`` where a number is due (pydantic's lax mode would read them as 1 and 0)."""
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool_as_number", "must be {kind}, got {value}",
+                                      {"kind": kind, "value": str(value)})
+        return value
+    return BeforeValidator(check)
 
 
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else f"must be >= 0, got {value}"
+Int = Annotated[int, _no_bool("an integer")]  # lax: "3" and 3.0 pass, 2.5 and "abc" do not
+Float = Annotated[FiniteFloat, _no_bool("a number")]  # lax: YAML reads 1e-3 (no dot) as text; it passes
+Bool = StrictBool  # only true/false: 1 or "yes" are refused
+Rate = Annotated[Float, Field(gt=0, lt=1)]
 
 
-def _unit(value: float) -> str | None:
-    return None if 0 <= value <= 1 else f"must be in [0, 1], got {value}"
+def _fail(message: str, key: str | None = None, **context: Any) -> PydanticCustomError:
+    """A validator error; ``key`` is appended to the error's location (a field of a model-level check)."""
+    return PydanticCustomError("lungscreen", message, {**context, **({"key": key} if key else {})})
 
 
-def _open_unit(value: float) -> str | None:
-    return None if 0 < value < 1 else f"must be in (0, 1), got {value}"
+class _Section(BaseModel):
+    """Base of every recipe block: unknown keys refused (naming the allowed ones), an empty block = defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """Runs before field validation, so a misspelt key is reported before the values it would hide."""
+        if data is None:  # "balance:" with nothing under it
+            return {}
+        if isinstance(data, dict):
+            unknown = sorted(set(map(str, data)) - set(cls.model_fields))
+            if unknown:
+                raise _fail("unknown key (allowed: {allowed})", unknown[0], allowed=", ".join(sorted(cls.model_fields)))
+        return data
 
 
-def check(fn):  # noqa: ANN001, ANN201 - tiny helper for field metadata
-    """Field metadata running ``fn(value) -> error text or None`` after type conversion."""
-    return {"check": fn}
+Section = TypeVar("Section", bound=_Section)
 
 
-@dataclass
-class BalanceConfig:
+class BalanceConfig(_Section):
     """How training batches are balanced across classes (see :mod:`lungscreen.training.sampling`).
 
     ``covid_percent``: COVID-Net's per-batch share of positive slots; ``weighted``: draw with replacement,
@@ -65,12 +92,11 @@ class BalanceConfig:
     """
 
     method: Literal["none", "covid_percent", "weighted", "undersample"] = "none"
-    covid_percent: float = field(default=0.5, metadata=check(_open_unit))
+    covid_percent: Rate = 0.5
     positive_class: str = "COVID-19"
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the images come from and how they are fed."""
 
     manifest: str | None = None
@@ -81,45 +107,42 @@ class DataConfig:
     pipeline: Any = "none"  # a preprocessing pipeline name or its dict
     cache_dir: str | None = None  # disk cache of preprocessed images (None: in memory only)
     augment: str | None = None  # a named augmentation set (see lungscreen.training.data.AUGMENTATIONS)
-    balance: BalanceConfig = field(default_factory=BalanceConfig)
-    batch_size: int = field(default=32, metadata=check(_positive))  # global: split over the processes
-    eval_batch_size: int = field(default=64, metadata=check(_positive))
-    num_workers: int = field(default=0, metadata=check(_non_negative))
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    batch_size: Int = Field(32, gt=0)  # global: split over the processes
+    eval_batch_size: Int = Field(64, gt=0)
+    num_workers: Int = Field(0, ge=0)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """A model of the zoo (``lungscreen.models.create``) and where its starting weights come from."""
 
     name: str = ""
-    in_channels: int = field(default=1, metadata=check(_positive))
+    in_channels: Int = Field(1, gt=0)
     pretrained: str | None = None
     weights: str | None = None
     init_from: str | None = None  # another run's folder or checkpoint: pre-train then fine-tune
-    reset_head: bool = False  # new classifier even when the class set is unchanged
-    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of create()
+    reset_head: Bool = False  # new classifier even when the class set is unchanged
+    options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of create(), passed as is
 
 
-@dataclass
-class OptimizerConfig:
+class OptimizerConfig(_Section):
     """Optimizer of a stage. ``lr`` is a rate, ``[first, last]`` (discriminative: spread geometrically from
     the input-side group to the head, like fastai's ``slice(1e-6, 1e-4)``), or ``find`` (LR range test; the
     head gets the suggested rate and the first group that rate divided by ``lr_spread``)."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: Any = 1e-3
-    lr_spread: float = field(default=1.0, metadata=check(lambda v: None if v >= 1 else f"must be >= 1, got {v}"))
-    momentum: float = field(default=0.9, metadata=check(_unit))  # SGD momentum, Adam's beta1
-    beta2: float = field(default=0.999, metadata=check(_open_unit))
-    weight_decay: float = field(default=0.0, metadata=check(_non_negative))  # L2
-    nesterov: bool = False
+    lr: Any = 1e-3  # checked and normalised by parse_lr in from_dict
+    lr_spread: Float = Field(1.0, ge=1)
+    momentum: Float = Field(0.9, ge=0, le=1)  # SGD momentum, Adam's beta1
+    beta2: Rate = 0.999
+    weight_decay: Float = Field(0.0, ge=0)  # L2
+    nesterov: Bool = False
 
 
-@dataclass
-class ScheduleConfig:
+class ScheduleConfig(_Section):
     """Learning-rate schedule of a stage.
 
     ``one_cycle`` (peak = the stage's lr), ``plateau`` (x ``factor`` after ``patience`` epochs without
@@ -128,40 +151,48 @@ class ScheduleConfig:
     """
 
     name: Literal["constant", "one_cycle", "plateau", "step"] = "constant"
-    factor: float = field(default=0.1, metadata=check(_open_unit))
-    patience: int = field(default=5, metadata=check(_non_negative))
-    step_epochs: int = field(default=5, metadata=check(_positive))
+    factor: Rate = 0.1
+    patience: Int = Field(5, ge=0)
+    step_epochs: Int = Field(5, gt=0)
     monitor: str = "val/loss"
-    pct_start: float = field(default=0.25, metadata=check(_open_unit))
-    div_factor: float = field(default=25.0, metadata=check(_positive))
-    final_div_factor: float = field(default=1e4, metadata=check(_positive))
+    pct_start: Rate = 0.25
+    div_factor: Float = Field(25.0, gt=0)
+    final_div_factor: Float = Field(1e4, gt=0)
 
 
-@dataclass
-class LossConfig:
-    """Loss of a stage: cross-entropy (``ce``), ``focal`` or ``bce`` (multi-label / one-hot targets).
+class LossConfig(_Section):
+    """Loss of a stage: cross-entropy (``ce``), ``focal``, ``bce`` (multi-label / one-hot targets) or
+    ``dice_bce`` (masks); None takes the task's own (ce, bce for multi-label, dice_bce for masks).
 
     ``class_weights``: None, ``balanced`` (inverse class frequency of the training rows), a list in class
-    order, or a mapping class name -> weight.
+    order, or a mapping class name -> weight (checked against the task in from_dict). ``nested_weight``:
+    weight of the BCE on pixels a mask teaches only through nested channels (the lung conventions).
+    ``head_weights``: a multi-task model's head name -> weight of its loss in the sum.
     """
 
-    name: Literal["ce", "focal", "bce"] = "ce"
+    name: Literal["ce", "focal", "bce", "dice_bce"] | None = None
     class_weights: Any = None
-    gamma: float = field(default=2.0, metadata=check(_non_negative))
-    label_smoothing: float = field(default=0.0, metadata=check(lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v}"))
+    gamma: Float = Field(2.0, ge=0)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    nested_weight: Float = Field(0.5, ge=0)
+    head_weights: dict[str, Float] = Field(default_factory=dict)
 
 
-@dataclass
-class LRFindConfig:
+class LRFindConfig(_Section):
     """LR range test settings (used when a stage's ``optimizer.lr`` is ``find``)."""
 
-    min_lr: float = field(default=1e-7, metadata=check(_positive))
-    max_lr: float = field(default=1.0, metadata=check(_positive))
-    steps: int = field(default=100, metadata=check(_positive))
+    min_lr: Float = Field(1e-7, gt=0)
+    max_lr: Float = Field(1.0, gt=0)
+    steps: Int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LRFindConfig:
+        if self.min_lr >= self.max_lr:
+            raise _fail("must be below lr_find.max_lr", "min_lr")
+        return self
 
 
-@dataclass
-class StageConfig:
+class StageConfig(_Section):
     """One stage of a recipe: a size, a number of epochs, what trains and how.
 
     ``train``: ``all``, ``head`` (the last layer group), a slice text over layer groups such as ``"-2:"``,
@@ -170,21 +201,20 @@ class StageConfig:
     """
 
     name: str = ""
-    epochs: int = field(default=1, metadata=check(_positive))
-    image_size: int = field(default=224, metadata=check(_positive))
-    train: Any = "all"
-    train_bn: bool = False  # keep BatchNorm layers of frozen groups trainable (fastai's train_bn)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
-    data: dict[str, Any] = field(default_factory=dict)
+    epochs: Int = Field(1, gt=0)
+    image_size: Int = Field(224, gt=0)
+    train: Any = "all"  # checked by parse_train_spec in from_dict
+    train_bn: Bool = False  # keep BatchNorm layers of frozen groups trainable (fastai's train_bn)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    lr_find: LRFindConfig = Field(default_factory=LRFindConfig)
+    data: dict[str, Any] = Field(default_factory=dict)  # validated merged into the run's, by stage_data
     init_from: str | None = None
-    reset_head: bool = False
+    reset_head: Bool = False
 
 
-@dataclass
-class MonitorConfig:
+class MonitorConfig(_Section):
     """The validation figure that picks ``best.pt`` and drives early stopping.
 
     ``metric`` defaults to ``val/sensitivity/COVID-19`` for tasks with a COVID-19 class, else ``val/loss``;
@@ -194,28 +224,34 @@ class MonitorConfig:
 
     metric: str | None = None
     mode: Literal["max", "min"] | None = None
-    patience: int | None = None
-    min_delta: float = field(default=0.0, metadata=check(_non_negative))
+    patience: Int | None = None
+    min_delta: Float = Field(0.0, ge=0)
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
     """Experiment tracking. MLflow (a dev extra) logs to a local SQLite store unless ``uri`` says otherwise."""
 
-    mlflow: bool = False
+    mlflow: Bool = False
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "lungscreen"
 
 
-@dataclass
-class ParamRange:
+class ParamRange(_Section):
     """A search range: ``low``..``high`` (``log`` for scale parameters), an ``integer`` range, or ``choices``."""
 
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
+    low: Float | None = None
+    high: Float | None = None
+    log: Bool = False
+    integer: Bool = False
     choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> ParamRange:
+        if self.choices is None and (self.low is None or self.high is None or self.low >= self.high):
+            raise _fail("needs low < high, or choices")
+        if self.log and self.low is not None and self.low <= 0:
+            raise _fail("a log range needs low > 0", "low")
+        return self
 
 
 #: Paper 002's search space: initial learning rate, momentum and L2, applied to every stage.
@@ -226,74 +262,113 @@ DEFAULT_SEARCH = {
 }
 
 
-@dataclass
-class TuneConfig:
+class TuneConfig(_Section):
     """Optuna search. ``params`` maps dotted config keys (``*`` matches every stage) to ranges."""
 
-    trials: int = field(default=30, metadata=check(_positive))
+    trials: Int = Field(30, gt=0)
     metric: str | None = None  # defaults to monitor.metric
     direction: Literal["maximize", "minimize"] | None = None
     storage: str | None = None  # SQLAlchemy URL; default sqlite:///<out>/study.db
     study: str | None = None
-    sampler_seed: int = 0
+    sampler_seed: Int = 0
     pruner: Literal["median", "none"] = "median"
-    startup_trials: int = field(default=5, metadata=check(_non_negative))
-    heartbeat_seconds: int = field(default=30, metadata=check(_positive))
-    params: dict[str, ParamRange] = field(default_factory=lambda: {k: ParamRange(**v) for k, v in DEFAULT_SEARCH.items()})
+    startup_trials: Int = Field(5, ge=0)
+    heartbeat_seconds: Int = Field(30, gt=0)
+    params: dict[str, ParamRange] = Field(
+        default_factory=lambda: {key: ParamRange.model_validate(spec) for key, spec in DEFAULT_SEARCH.items()})
 
 
-@dataclass
-class DistributedConfig:
+class DistributedConfig(_Section):
     """Data-parallel settings used when launched under ``torchrun`` (ignored in a single process)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    sync_batchnorm: bool = True  # BatchNorm statistics over the global batch, as in one process
+    sync_batchnorm: Bool = True  # BatchNorm statistics over the global batch, as in one process
 
 
-@dataclass
-class TrainConfig:
+def _text(value: Any) -> Any:
+    """YAML reads ``precision: 32`` as a number; the choice is the text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class TrainConfig(_Section):
     """A whole recipe."""
 
     name: str = "run"
-    seed: int = 0
-    precision: Literal["32", "bf16", "auto"] = "32"
-    threads: int | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    defaults: dict[str, Any] = field(default_factory=dict)
-    stages: list[StageConfig] = field(default_factory=list)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    test: bool = True  # evaluate best.pt on the test split at the end (reported, never used to choose)
+    seed: Int = 0
+    precision: Annotated[Literal["32", "bf16", "auto"], BeforeValidator(_text)] = "32"
+    threads: Int | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageConfig] = Field(default_factory=list)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    test: Bool = True  # evaluate best.pt on the test split at the end (reported, never used to choose)
     description: str = ""
 
-    # ---- derived views -------------------------------------------------------------------------------
     def stage_data(self, index: int) -> DataConfig:
         """The data block of stage ``index``: the run's, with the stage's overrides applied."""
         overrides = self.stages[index].data
         if not overrides:
             return self.data
-        merged = _deep_merge(dataclasses.asdict(self.data), overrides)
-        return _build(DataConfig, merged, f"stages.{index}.data")
+        return _validate(DataConfig, deep_merge(self.data.model_dump(), overrides), f"stages.{index}.data")
 
-    def task(self, index: int = -1) -> Task:
+    def task(self, index: int = -1) -> TaskSpec:
         """The task of stage ``index`` (the last stage's by default: the one best.pt predicts)."""
         data = self.stage_data(index if index >= 0 else len(self.stages) - 1)
         return resolve_task(data.task, "data.task")
 
     def monitor_metric(self) -> tuple[str, str]:
-        """(metric, mode) with the defaults filled in."""
-        metric = self.monitor.metric
-        if metric is None:
-            metric = "val/sensitivity/COVID-19" if "COVID-19" in self.task().classes else "val/loss"
+        """(metric, mode) with the defaults filled in (see :func:`~lungscreen.training.recipe_checks.default_monitor`)."""
+        metric = self.monitor.metric or default_monitor(self.task())
         mode = self.monitor.mode or ("min" if metric.endswith("loss") else "max")
         return metric, mode
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, as written to a run's ``config.yaml`` (reloadable with :func:`from_dict`)."""
-        return dataclasses.asdict(self)
+        """Plain nested data of every field (a discriminative lr stays a tuple; :func:`to_raw` makes YAML)."""
+        return self.model_dump()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: one line per problem, named by its --set key
+# ---------------------------------------------------------------------------------------------------------
+
+_REASONS = {
+    "int_parsing": "must be an integer, got {input!r}", "int_from_float": "must be an integer, got {input!r}",
+    "int_type": "must be an integer, got {input!r}", "float_parsing": "must be a number, got {input!r}",
+    "float_type": "must be a number, got {input!r}", "finite_number": "must be a finite number, got {input!r}",
+    "bool_type": "must be true or false, got {input!r}", "string_type": "must be text, got {input!r}",
+    "list_type": "must be a list, got {input!r}", "dict_type": "must be a mapping, got {input!r}",
+    "model_type": "must be a mapping, got {input!r}", "model_attributes_type": "must be a mapping, got {input!r}",
+    "literal_error": "must be one of {expected}, got {input!r}", "extra_forbidden": "unknown key",
+    "greater_than": "must be > {gt}, got {input}", "greater_than_equal": "must be >= {ge}, got {input}",
+    "less_than": "must be < {lt}, got {input}", "less_than_equal": "must be <= {le}, got {input}",
+}
+
+
+def error_message(error: ValidationError, prefix: str = "") -> str:
+    """``dotted.key: reason`` for the first error of ``error``, the key spelled as ``--set`` spells it.
+
+    ``prefix`` is the dotted key of the validated block (``stages.0.data``) when it is not the whole recipe.
+    Pydantic's own wording is kept only for errors this module does not word itself.
+    """
+    first = error.errors(include_url=False)[0]
+    context = {k: f"{v:g}" if isinstance(v, float) else v for k, v in first.get("ctx", {}).items()}
+    parts = [prefix] if prefix else []
+    parts += [str(part) for part in first["loc"]] + ([str(context["key"])] if "key" in context else [])
+    template = _REASONS.get(first["type"])
+    reason = template.format(input=first["input"], **context) if template else first["msg"]
+    return f"{'.'.join(parts) or 'config'}: {reason}"
+
+
+def _validate(model: type[Section], raw: Any, prefix: str = "") -> Section:
+    """``model`` validated from ``raw``; any problem becomes one :class:`ConfigError`."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(error_message(error, prefix)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,6 +400,7 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a parse error or a non-mapping document is a :class:`ConfigError`."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -346,308 +422,17 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     for index, stage in enumerate(stages):
         if not isinstance(stage, dict):
             raise ConfigError(f"stages.{index}: must be a mapping, got {type(stage).__name__}")
-    raw["stages"] = [_deep_merge(defaults, stage) for stage in stages]
-    config = _build(TrainConfig, raw, "")
-    _check_semantics(config)
+    raw["stages"] = [deep_merge(defaults, stage) for stage in stages]
+    config = _validate(TrainConfig, raw)
+    check_semantics(config)
     return config
 
 
 def to_raw(config: TrainConfig) -> dict[str, Any]:
-    """Plain data of a validated config (stage defaults already merged), reloadable by :func:`from_dict`."""
-    raw = config.to_dict()
+    """Plain data of a validated config (stage defaults already merged), reloadable by :func:`from_dict`.
+
+    JSON-mode dumping turns tuples (a parsed discriminative lr) into lists, so the result is YAML-safe.
+    """
+    raw = config.model_dump(mode="json")
     raw["defaults"] = {}
-    for stage in raw["stages"]:
-        lr = stage["optimizer"]["lr"]
-        stage["optimizer"]["lr"] = list(lr) if isinstance(lr, tuple) else lr
     return raw
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML; ``stages.*.x`` sets every stage)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        if isinstance(value, dict) and not text.strip().startswith("{"):
-            value = text  # "-2:" is a slice text, not a YAML mapping
-        set_key(raw, key.strip(), value)
-    return raw
-
-
-def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``value`` at a dotted ``key`` in nested dicts/lists; ``*`` on a list sets every element."""
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"{key}: empty part in the dotted key")
-    targets: list[Any] = [raw]
-    for depth, part in enumerate(parts[:-1]):
-        following: list[Any] = []
-        for node in targets:
-            following.extend(_step(node, part, ".".join(parts[: depth + 1]), create=True))
-        targets = following
-    for node in targets:
-        last = parts[-1]
-        if isinstance(node, list):
-            for item in _step(node, last, key, create=False, want_index=True):
-                node[item] = value
-        else:
-            node[last] = value
-
-
-def _step(node: Any, part: str, key: str, *, create: bool, want_index: bool = False) -> list[Any]:
-    if isinstance(node, list):
-        if part == "*":
-            indices = list(range(len(node)))
-        else:
-            try:
-                indices = [int(part)]
-                node[indices[0]]
-            except (ValueError, IndexError):
-                raise ConfigError(f"{key}: no list element {part!r} (the list has {len(node)})") from None
-        return indices if want_index else [node[i] for i in indices]
-    if not isinstance(node, dict):
-        raise ConfigError(f"{key}: cannot descend into a {type(node).__name__}")
-    if part not in node or node[part] is None:
-        if not create:
-            return []
-        node[part] = {}
-    return [node[part]]
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Generic dataclass builder: type conversion + key-naming errors
-# ---------------------------------------------------------------------------------------------------------
-
-def _join(prefix: str, key: str | int) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(map(str, raw)) - names)
-    if unknown:
-        raise ConfigError(f"{_join(prefix, unknown[0])}: unknown key (allowed: {', '.join(sorted(names))})")
-    values = {}
-    for item in dataclasses.fields(cls):
-        if item.name not in raw:
-            continue
-        key = _join(prefix, item.name)
-        value = _convert(hints[item.name], raw[item.name], key)
-        problem = item.metadata.get("check", lambda v: None)(value) if value is not None else None
-        if problem:
-            raise ConfigError(f"{key}: {problem}")
-        values[item.name] = value
-    return cls(**values)
-
-
-def _convert(kind: Any, value: Any, key: str) -> Any:  # noqa: C901 - one branch per kind of type
-    origin = get_origin(kind)
-    if kind is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        allowed = get_args(kind)
-        text = str(value) if value is not None else value
-        if text not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-        return text
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: must be a list, got {value!r}")
-        (inner,) = get_args(kind) or (Any,)
-        return [_convert(inner, v, _join(key, i)) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
-        _, inner = get_args(kind) or (str, Any)
-        return {str(k): _convert(inner, v, _join(key, k)) for k, v in value.items()}
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: must be an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        return int(number)
-    if kind is float:
-        return _float(value, key)
-    if kind is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: must be text, got {value!r}")
-        return str(value)
-    raise TypeError(f"config schema has an unsupported type {kind!r} at {key}")
-
-
-def _float(value: Any, key: str) -> float:
-    """A number; YAML reads ``1e-3`` (no dot) as text, so text is parsed too."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    return number
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checks across fields (those needing the model zoo or the manifest run in prepare.prepare)
-# ---------------------------------------------------------------------------------------------------------
-
-def parse_lr(value: Any, key: str) -> float | tuple[float, float] | str:
-    """A stage's ``lr``: a positive rate, ``[first, last]`` positive rates, or ``find``."""
-    if isinstance(value, str) and value.strip().lower() == "find":
-        return "find"
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ConfigError(f"{key}: a discriminative rate is [first, last], got {value!r}")
-        first, last = (_float(v, key) for v in value)
-        if first <= 0 or last <= 0:
-            raise ConfigError(f"{key}: learning rates must be > 0, got {value!r}")
-        return first, last
-    rate = _float(value, key)
-    if rate <= 0:
-        raise ConfigError(f"{key}: learning rate must be > 0, got {rate}")
-    return rate
-
-
-def resolve_task(spec: Any, key: str) -> Task:
-    """A task name of :data:`lungscreen.data.labels.TASKS`, or an inline ``{name, classes, mapping}``."""
-    if isinstance(spec, str):
-        if spec not in TASKS:
-            raise ConfigError(f"{key}: unknown task {spec!r}; choose one of {', '.join(TASKS)} or give "
-                              "{name, classes, mapping}")
-        return TASKS[spec]
-    if isinstance(spec, dict):
-        extra = set(spec) - {"name", "classes", "mapping", "description"}
-        if extra:
-            raise ConfigError(f"{key}.{sorted(extra)[0]}: unknown key (allowed: name, classes, mapping)")
-        classes = spec.get("classes")
-        mapping = spec.get("mapping")
-        if not isinstance(classes, list) or len(classes) < 2:
-            raise ConfigError(f"{key}.classes: a task needs a list of at least two class names")
-        if not isinstance(mapping, dict) or not mapping:
-            raise ConfigError(f"{key}.mapping: a task needs a mapping canonical label -> class name")
-        for label, name in mapping.items():
-            if label not in CANONICAL_LABELS:
-                raise ConfigError(f"{key}.mapping.{label}: not a canonical label ({', '.join(CANONICAL_LABELS)})")
-            if name not in classes:
-                raise ConfigError(f"{key}.mapping.{label}: class {name!r} is not in {key}.classes")
-        return Task(str(spec.get("name", "custom")), tuple(map(str, classes)), {str(k): str(v) for k, v in mapping.items()},
-                    str(spec.get("description", "")))
-    raise ConfigError(f"{key}: must be a task name or a mapping, got {spec!r}")
-
-
-def _check_semantics(config: TrainConfig) -> None:
-    if not config.model.name:
-        raise ConfigError("model.name: required (see `lungscreen.models.list_models()`)")
-    names = [stage.name for stage in config.stages]
-    for index, stage in enumerate(config.stages):
-        key = f"stages.{index}"
-        if not stage.name:
-            stage.name = f"stage{index}"
-        if names.count(stage.name) > 1 and stage.name:
-            raise ConfigError(f"{key}.name: {stage.name!r} is used by more than one stage")
-        stage.optimizer.lr = parse_lr(stage.optimizer.lr, f"{key}.optimizer.lr")
-        if stage.lr_find.min_lr >= stage.lr_find.max_lr:
-            raise ConfigError(f"{key}.lr_find.min_lr: must be below lr_find.max_lr")
-        parse_train_spec(stage.train, f"{key}.train")
-        data = config.stage_data(index)
-        task = resolve_task(data.task, f"{key}.data.task" if "task" in stage.data else "data.task")
-        _check_weights(stage.loss.class_weights, task, f"{key}.loss.class_weights")
-        if data.balance.method == "covid_percent" and data.balance.positive_class not in task.classes:
-            raise ConfigError(f"data.balance.positive_class: {data.balance.positive_class!r} is not a class of task "
-                              f"{task.name} ({', '.join(task.classes)})")
-        if data.batch_size < 2 and index == 0:
-            raise ConfigError("data.batch_size: must be >= 2 (BatchNorm needs more than one image)")
-    metric, _ = config.monitor_metric()
-    if not metric.startswith(("val/", "train/")):
-        raise ConfigError(f"monitor.metric: {metric!r} must start with val/ or train/ (e.g. val/f1/COVID-19)")
-    for key, spec in config.tune.params.items():
-        if spec.choices is None and (spec.low is None or spec.high is None or spec.low >= spec.high):
-            raise ConfigError(f"tune.params.{key}: needs low < high, or choices")
-        if spec.log and spec.low is not None and spec.low <= 0:
-            raise ConfigError(f"tune.params.{key}.low: a log range needs low > 0")
-
-
-def parse_train_spec(spec: Any, key: str) -> str | slice | list[int]:
-    """``all`` | ``head`` | ``"a:b"`` slice text | list of group indices."""
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text in ("all", "head"):
-            return text
-        if ":" in text:
-            try:
-                parts = [int(p) if p.strip() else None for p in text.split(":")]
-            except ValueError:
-                raise ConfigError(f"{key}: {spec!r} is not all, head, a slice like '-2:' or a list of indices") from None
-            if len(parts) != 2:
-                raise ConfigError(f"{key}: {spec!r} is not a slice like '-2:'")
-            return slice(parts[0], parts[1])
-        raise ConfigError(f"{key}: {spec!r} is not all, head, a slice like '-2:' or a list of indices")
-    if isinstance(spec, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-        return list(spec)
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return [spec]
-    raise ConfigError(f"{key}: {spec!r} is not all, head, a slice like '-2:' or a list of indices")
-
-
-def _check_weights(weights: Any, task: Task, key: str) -> None:
-    if weights is None or weights == "balanced":
-        return
-    if isinstance(weights, list):
-        if len(weights) != len(task.classes):
-            raise ConfigError(f"{key}: {len(weights)} weights for {len(task.classes)} classes ({', '.join(task.classes)})")
-        for i, w in enumerate(weights):
-            if _float(w, f"{key}.{i}") < 0:
-                raise ConfigError(f"{key}.{i}: must be >= 0")
-        return
-    if isinstance(weights, dict):
-        for name, w in weights.items():
-            if name not in task.classes:
-                raise ConfigError(f"{key}.{name}: not a class of task {task.name} ({', '.join(task.classes)})")
-            if _float(w, f"{key}.{name}") < 0:
-                raise ConfigError(f"{key}.{name}: must be >= 0")
-        return
-    raise ConfigError(f"{key}: must be balanced, a list or a mapping class -> weight, got {weights!r}")

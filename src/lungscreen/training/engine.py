@@ -8,7 +8,7 @@ A run folder holds::
                          seconds and images/s
     stages/NN-name/      last.ckpt (Lightning, for --resume), final.pt, done.json, lr_find.png/.json,
                          precision.json
-    best.pt              the best epoch by ``monitor`` (lungscreen checkpoint: model, classes, preprocessing)
+    best.pt              the best epoch by ``monitor`` (lungscreen checkpoint: the model and its inference spec)
     best.json            which epoch that was, and its figures
     test.json            best.pt on the test split: every figure with a 95 % patient-level bootstrap interval
     summary.json         wall time, images/s per stage, best validation and test figures
@@ -44,20 +44,26 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lungscreen.data.labels import Task
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import write_atomic
+from lungscreen.models.inference_spec import Head, InferenceSpec
+from lungscreen.preprocessing.model_input import InputSpec
 from lungscreen.training.callbacks import is_finite, make_callbacks
-from lungscreen.training.config import TrainConfig, from_dict, to_raw
+from lungscreen.training.config import StageConfig, TrainConfig, from_dict, to_raw
 from lungscreen.training.prepare import (
     DistEnv,
     Prepared,
     StagePlan,
+    TaskSpec,
     build_initial_model,
     checkpoint_classes,
     checkpoint_of,
+    head_classes,
+    head_sizes,
     prepare,
+    stage_views,
     swap_head,
+    task_name,
 )
 from lungscreen.training.run_folder import default_run_dir, quiet_lightning, read_json, run_log, say, write_json
 from lungscreen.training.tracking import MlflowTracker
@@ -94,8 +100,9 @@ class RunContext:
         self.tracker = None
         best_path = run_dir / "best.json"
         self.best: dict[str, Any] | None = read_json(best_path) if best_path.exists() else None
-        self.preprocessing: dict[str, Any] = {}
-        self.class_names: tuple[str, ...] = prepared.stages[-1].task.classes
+        self.classes = head_classes(prepared.stages[-1].task)  # what best.pt predicts
+        self.train_patients = sorted({str(p) for plan in prepared.stages
+                                      for p in plan.frames[plan.data.train_split]["patient_id"]})
 
     @property
     def metrics_path(self) -> Path:
@@ -124,6 +131,11 @@ class RunContext:
         if self.tracker is not None:
             self.tracker.log_epoch(row)
 
+    def spec(self, stage_index: int) -> InferenceSpec:
+        """The inference spec of the model as stage ``stage_index`` trains it."""
+        return inference_spec(self.config.stages[stage_index], self.prepared.stages[stage_index],
+                              self.prepared, self.config.model.in_channels)
+
     def save_best(self, module, *, value: float, tie: float, epoch: int, stage_index: int) -> None:  # noqa: ANN001
         from lungscreen.models import save_checkpoint
 
@@ -133,11 +145,23 @@ class RunContext:
                      "figures": {k: v for k, v in module.last_validation.items() if is_finite(v)}}
         if not self.env.is_zero:
             return
-        extra = {"image_size": stage.image_size, "task": self.prepared.stages[stage_index].task.name,
-                 "best": self.best, "run": self.config.name, "seed": self.config.seed}
-        save_checkpoint(self.dir / "best.pt", module.model, class_names=list(self.class_names),
-                        preprocessing=self.preprocessing, extra=extra)
+        extra = {"best": self.best, "run": self.config.name, "seed": self.config.seed,
+                 "train_patients": self.train_patients}
+        save_checkpoint(self.dir / "best.pt", module.model, spec=self.spec(stage_index), extra=extra)
         write_json(self.dir / "best.json", self.best)
+
+
+def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_channels: int) -> InferenceSpec:
+    """What a model trained by ``stage`` eats and emits: written into every checkpoint of the run."""
+    task = plan.task
+    if isinstance(task, dict):
+        heads = [Head(name=name, kind=head.kind, classes=list(head.classes)) for name, head in task.items()]
+    else:
+        heads = [Head(kind=task.kind, classes=list(task.classes))]
+    views = stage_views(plan.data)
+    return InferenceSpec(input=InputSpec(size=stage.image_size, channels=in_channels, pipeline=prepared.pipeline.to_dict()),
+                         heads=heads, task=task_name(task), modality=plan.data.modality,
+                         views=list(views) if views else None)
 
 
 def train(config: TrainConfig, *, out: str | Path | None = None, resume: str | Path | None = None,
@@ -160,7 +184,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: str | P
         config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
     else:
         run_dir = Path(out) if out is not None else default_run_dir(config, env)
-        if (run_dir / "config.yaml").exists():
+        if env.is_zero and (run_dir / "config.yaml").exists():  # other ranks may start after rank 0 wrote it
             raise ConfigError(f"--out: {run_dir} already holds a run; resume it with --resume {run_dir}")
     _set_threads(config, env)
     prepared = prepare(config, env=env, build_model=resume is None or not any(
@@ -185,19 +209,14 @@ def _set_threads(config: TrainConfig, env: DistEnv) -> None:
 
 def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, listeners: Sequence[Any],
          extra_callbacks: Sequence[Any], quiet: bool, *, resumed: bool) -> RunResult:
-    from lungscreen.training.data import ImageStore, Preprocessor
-
     started = time.perf_counter()
     context = RunContext(run_dir, config, prepared, env, listeners)
-    say(f"run {run_dir}  model {config.model.name}  task {prepared.stages[-1].task.name}  "
+    say(f"run {run_dir}  model {config.model.name}  task {task_name(prepared.stages[-1].task)}  "
         f"{len(config.stages)} stage(s)" + (f"  rank {env.rank}/{env.world_size}" if env.distributed else "")
         + ("  (resumed)" if resumed else ""))
     if config.tracking.mlflow and env.is_zero:
         context.tracker = MlflowTracker(config, run_dir)
-    preprocessor = Preprocessor(prepared.pipeline, prepared.base_size, prepared.stages[0].data.cache_dir,
-                                already_applied=prepared.already_applied)
-    context.preprocessing = preprocessor.describe()
-    stores: dict[tuple[str, str], ImageStore] = {}
+    stores: dict[tuple[str, ...], Any] = {}
     model = prepared.model
     current = _initial_classes(config, prepared)
     offset = 0
@@ -218,76 +237,100 @@ def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, l
         else:
             model = swap_head(model, config.model, plan.task, current=current, reset=stage.reset_head,
                               seed=config.seed + index)
-        current = plan.task.classes
-        report = _run_stage(context, index, stage_dir, model, plan, preprocessor, stores, offset, extra_callbacks, quiet)
+        current = head_classes(plan.task)
+        report = _run_stage(context, index, stage_dir, model, plan, stores, offset, extra_callbacks, quiet)
         stage_reports.append(report)
         offset += stage.epochs
         if context.stop_requested:
             break
-    summary = _finish(context, stage_reports, preprocessor, stores, started)
+    summary = _finish(context, stage_reports, stores, started)
     return RunResult(run_dir, context.best, summary.get("test"), summary, context.history(), context.stop_requested)
 
 
-def _initial_classes(config: TrainConfig, prepared: Prepared) -> tuple[str, ...]:
-    """Classes the starting model predicts: the first stage's (init_from checkpoints get their head swapped
-    for them when they differ, in :func:`build_initial_model`)."""
-    return prepared.stages[0].task.classes
+def _initial_classes(config: TrainConfig, prepared: Prepared) -> Any:
+    """What the starting model predicts: the first stage's classes (init_from checkpoints get their head
+    swapped for them when they differ, in :func:`build_initial_model`)."""
+    return head_classes(prepared.stages[0].task)
 
 
 def _reload_previous(run_dir: Path, config: TrainConfig, index: int, prepared: Prepared):  # noqa: ANN202
     """(model, its classes) to start stage ``index`` from, after a resume skipped the stages before it."""
     if index == 0:
-        return build_initial_model(config, prepared.stages[0].task), prepared.stages[0].task.classes
+        return build_initial_model(config, prepared.stages[0].task), head_classes(prepared.stages[0].task)
     from lungscreen.models import load_checkpoint
 
     previous = run_dir / "stages" / f"{index - 1:02d}-{config.stages[index - 1].name}" / "final.pt"
-    model, meta = load_checkpoint(previous)
-    return model.train(), tuple(meta["class_names"])
+    return load_checkpoint(previous).model.train(), checkpoint_classes(str(previous))
 
 
-def _from_checkpoint(config: TrainConfig, path: str, task: Task, key: str):  # noqa: ANN202
+def _from_checkpoint(config: TrainConfig, path: str, task: TaskSpec, key: str):  # noqa: ANN202
     import torch
 
     from lungscreen import models
 
     torch.manual_seed(config.seed)
     weights = str(checkpoint_of(path, key))
-    reset = checkpoint_classes(weights) != list(task.classes)
+    reset = checkpoint_classes(weights) != head_classes(task)
     spec = config.model
-    return models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels, weights=weights,
+    return models.create(spec.name, num_classes=head_sizes(task), in_channels=spec.in_channels, weights=weights,
                          reset_head=reset, **spec.options)
 
 
-def _store_for(plan: StagePlan, preprocessor, stores: dict, split: str):  # noqa: ANN001, ANN202
+def _store_for(context: RunContext, plan: StagePlan, stores: dict, split: str):  # noqa: ANN202
+    """The image store of one split of a stage's data (shared by the stages that use the same rows)."""
     from rich.progress import Progress
 
     from lungscreen.training.data import ImageStore
 
     frame = plan.frames[split]
-    key = (str(plan.data.manifest), split, plan.task.name, len(frame))
+    key = (str(plan.data.manifest), split, task_name(plan.task), len(frame))
     if key not in stores:
-        store = ImageStore(frame, preprocessor)
+        prepared = context.prepared
+        store = ImageStore(frame, prepared.pipeline, prepared.sizes, cache_dir=plan.data.cache_dir,
+                           already_applied=prepared.already_applied, with_masks=needs_masks(plan.task))
         with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
             job = progress.add_task(f"loading {split} images", total=len(store))
             store.load_all(lambda i: progress.advance(job))
+        if store.failures:
+            _report_skipped(context, split, store.failures)
+        if store.frame.empty:
+            raise LungscreenError(f"no usable {split!r} image ({len(store.failures)} skipped; see "
+                                  f"{context.dir / 'skipped.csv'})")
         stores[key] = store
     return stores[key]
 
 
-def _loaders(context: RunContext, index: int, plan: StagePlan, preprocessor, stores: dict):  # noqa: ANN001, ANN202
+def _report_skipped(context: RunContext, split: str, failures: list[tuple[str, str]]) -> None:
+    """Say how many images a split lost and why (the first three here, all of them in skipped.csv)."""
+    say(f"  {len(failures)} {split} image(s) skipped, e.g. {failures[0][1]}")
+    if context.env.is_zero:
+        path = context.dir / "skipped.csv"
+        frame = pd.DataFrame([(split, p, r) for p, r in failures], columns=["split", "image_path", "reason"])
+        if path.exists():
+            frame = pd.concat([pd.read_csv(path), frame], ignore_index=True).drop_duplicates()
+        write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def needs_masks(task: TaskSpec) -> bool:
+    """Whether the task's targets come from the rows' reference masks."""
+    tasks = task.values() if isinstance(task, dict) else [task]
+    return any(t.kind == "segmentation" for t in tasks)
+
+
+def _loaders(context: RunContext, index: int, plan: StagePlan, stores: dict):  # noqa: ANN202
     from torch.utils.data import DataLoader
 
-    from lungscreen.training.data import ManifestDataset, build_augment, collate
+    from lungscreen.training.augment import build_augment
+    from lungscreen.training.data import ManifestDataset, collate
     from lungscreen.training.sampling import EpochSampler
 
     stage, data, env = context.config.stages[index], plan.data, context.env
-    train_store = _store_for(plan, preprocessor, stores, data.train_split)
-    val_store = _store_for(plan, preprocessor, stores, data.val_split)
-    for store in (train_store, val_store):
-        store.keep_only(stage.image_size)
-    train_set = ManifestDataset(plan.frames[data.train_split], train_store, stage.image_size, build_augment(data.augment))
-    val_set = ManifestDataset(plan.frames[data.val_split], val_store, stage.image_size)
-    positive = plan.task.classes.index(data.balance.positive_class) if data.balance.positive_class in plan.task.classes else None
+    spec = context.spec(index).input
+    train_set = ManifestDataset(_store_for(context, plan, stores, data.train_split), stage.image_size, spec,
+                                plan.task, build_augment(data.augment))
+    val_set = ManifestDataset(_store_for(context, plan, stores, data.val_split), stage.image_size, spec, plan.task)
+    classes = getattr(plan.task, "classes", ())
+    positive = classes.index(data.balance.positive_class) if data.balance.positive_class in classes else None
     sampler = EpochSampler(train_set.targets, method=data.balance.method, batch_size=data.batch_size,
                            seed=int(np.random.SeedSequence([context.config.seed, index]).generate_state(1)[0]),
                            positive=positive, covid_percent=data.balance.covid_percent, rank=env.rank,
@@ -323,13 +366,12 @@ def _trainer_kwargs(context: RunContext, stage_epochs: int, precision: str, quie
     return kwargs
 
 
-def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: StagePlan, preprocessor, stores: dict,  # noqa: ANN001
+def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: StagePlan, stores: dict,  # noqa: ANN001
                offset: int, extra_callbacks: Sequence[Any], quiet: bool) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from lungscreen.training.module import ClassifierModule
-    from lungscreen.training.optim import resolve_class_weights
+    from lungscreen.training.module import TrainModule
 
     config, env = context.config, context.env
     stage = config.stages[index]
@@ -337,17 +379,17 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
         stage_dir.mkdir(parents=True, exist_ok=True)
     say(f"stage {index + 1}/{len(config.stages)} {stage.name}: {stage.epochs} epoch(s) at {stage.image_size} px, "
         f"train {stage.train}, {stage.optimizer.name} lr {stage.optimizer.lr}, schedule {stage.schedule.name}")
-    train_set, train_loader, val_loader = _loaders(context, index, plan, preprocessor, stores)
-    weights = resolve_class_weights(stage.loss.class_weights, plan.task.classes, train_set.targets)
+    train_set, train_loader, val_loader = _loaders(context, index, plan, stores)
+    objective = _objective(stage, plan, train_set.targets)
     lr = stage.optimizer.lr
     if lr == "find":
-        lr = _find_lr(context, index, stage_dir, model, plan, train_loader, weights)
+        lr = _find_lr(context, index, stage_dir, model, objective, train_loader)
     precision = _choose_precision(context, stage_dir, model, stage, plan)
-    module = ClassifierModule(model, class_names=plan.task.classes, stage=stage, lr=lr, class_weights=weights,
-                              seed=config.seed, stage_index=index, monitor_mode=context.monitor[1])
+    module = TrainModule(model, objective=objective, stage=stage, lr=lr, seed=config.seed, stage_index=index,
+                         monitor_mode=context.monitor[1])
     EpochRecorder, BestCheckpoint, StopOnRequest = make_callbacks()
     callbacks = [EpochRecorder(context, index, offset, env.world_size), StopOnRequest(context), *extra_callbacks]
-    final_task = plan.task.classes == context.class_names
+    final_task = head_classes(plan.task) == context.classes
     metric, mode = context.monitor
     if final_task:
         callbacks.append(BestCheckpoint(context, index))
@@ -374,29 +416,39 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     if env.is_zero:
         from lungscreen.models import save_checkpoint
 
-        save_checkpoint(stage_dir / "final.pt", module.model, class_names=list(plan.task.classes),
-                        preprocessing=context.preprocessing, extra={"stage": index, "image_size": stage.image_size})
+        save_checkpoint(stage_dir / "final.pt", module.model, spec=context.spec(index), extra={"stage": index})
         write_json(stage_dir / "done.json", report)
     if env.distributed:
         trainer.strategy.barrier()
     return report
 
 
-def _find_lr(context: RunContext, index: int, stage_dir: Path, model, plan: StagePlan, loader,  # noqa: ANN001
-             weights) -> float | tuple[float, float]:  # noqa: ANN001
+def _objective(stage: StageConfig, plan: StagePlan, train_targets: np.ndarray):  # noqa: ANN202
+    """The stage's objective, with its class weights resolved on the training rows."""
+    from lungscreen.training.objectives import build_objective
+    from lungscreen.training.optim import resolve_class_weights
+
+    weights = None
+    if not isinstance(plan.task, dict) and plan.task.kind != "segmentation":
+        weights = resolve_class_weights(stage.loss.class_weights, plan.task.classes, train_targets)
+    return build_objective(plan.task, stage.loss, weights)
+
+
+def _find_lr(context: RunContext, index: int, stage_dir: Path, model, objective, loader  # noqa: ANN001
+             ) -> float | tuple[float, float]:
     """LR range test (Lightning's Tuner) on a copy of the model; the result is stored so a resume reuses it."""
     import lightning as L
     from lightning.pytorch.tuner import Tuner
 
-    from lungscreen.training.module import ClassifierModule
+    from lungscreen.training.module import TrainModule
 
     stage = context.config.stages[index]
     saved = stage_dir / "lr_find.json"
     if saved.exists():
         found = read_json(saved)["suggestion"]
     else:
-        probe = ClassifierModule(copy.deepcopy(model), class_names=plan.task.classes, stage=stage, lr=1e-3,
-                                 class_weights=weights, seed=context.config.seed, stage_index=index).train()
+        probe = TrainModule(copy.deepcopy(model), objective=objective, stage=stage, lr=1e-3, seed=context.config.seed,
+                            stage_index=index).train()
         trainer = L.Trainer(max_epochs=10_000, logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=False, num_sanity_val_steps=0, use_distributed_sampler=False,
                             accelerator="cpu" if context.env.distributed else "auto", devices=1,
@@ -429,7 +481,6 @@ def measure_precision(model, image_size: int, batch_size: int, in_channels: int 
 
     probe = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
     images = channels_last(torch.rand(batch_size, in_channels, image_size, image_size))
-    labels = torch.zeros(batch_size, dtype=torch.long)
     optimizer = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad] or list(probe.parameters()), lr=0.0)
     timings = {}
     for name, enabled in (("fp32", False), ("bf16", True)):
@@ -437,7 +488,8 @@ def measure_precision(model, image_size: int, batch_size: int, in_channels: int 
         for attempt in range(repeats + 1):
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                loss = torch.nn.functional.cross_entropy(probe(images).float(), labels)
+                outputs = probe(images)
+                loss = sum(o.float().square().mean() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -474,48 +526,92 @@ def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: 
 # End of a run: test evaluation and summary
 # ---------------------------------------------------------------------------------------------------------
 
-def evaluate_checkpoint(path: Path, frame: pd.DataFrame, store, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Class probabilities of a checkpoint on the rows of ``frame`` (images from ``store``)."""
+def score_checkpoint(path: Path, store, task: TaskSpec, objective, *,  # noqa: ANN001
+                     batch_size: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """What ``objective`` keeps of a checkpoint's outputs on a loaded store's rows, and the patient of every
+    image, through the checkpoint's own inference spec."""
     import torch
     from torch.utils.data import DataLoader
 
     from lungscreen.models import load_checkpoint
     from lungscreen.training.data import ManifestDataset, collate
+    from lungscreen.training.module import channels_last
 
-    model, meta = load_checkpoint(path)
-    dataset = ManifestDataset(frame, store, int(meta["extra"]["image_size"]))
-    probs = []
+    checkpoint = load_checkpoint(path)
+    dataset = ManifestDataset(store, checkpoint.spec.input.size, checkpoint.spec.input, task)
+    kept: list[dict[str, np.ndarray]] = []
+    model = checkpoint.model.to(memory_format=torch.channels_last)
+    offset = 0
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            probs.append(torch.softmax(model(batch["image"]).float(), dim=1))
-    return torch.cat(probs).numpy(), dataset.targets
+            part = objective.keep(model(channels_last(batch["image"])), batch)
+            kept.append({key: value + offset if key.endswith("row") else value for key, value in part.items()})
+            offset += len(batch["image"])
+    merged = {key: np.concatenate([k[key] for k in kept if key in k]) for key in {key for k in kept for key in k}}
+    return merged, store.frame["patient_id"].astype(str).to_numpy()
 
 
-def _finish(context: RunContext, stage_reports: list[dict], preprocessor, stores: dict, started: float) -> dict[str, Any]:  # noqa: ANN001
-    from lungscreen.evaluation.metrics import classification_report
+def test_report(objective, kept: dict[str, np.ndarray], patients: np.ndarray, *, n_resamples: int = 1000,  # noqa: ANN001
+                seed: int = 0) -> dict[str, Any]:
+    """Every figure of the objective with its 95 % bootstrap interval, whole patients resampled."""
+    from lungscreen.evaluation.metrics import bootstrap_many
+    from lungscreen.training.objectives import MultitaskObjective, head_of
 
+    if isinstance(objective, MultitaskObjective):
+        report: dict[str, Any] = {}
+        for name, head in objective.heads.items():
+            own = head_of(kept, name)
+            if own:
+                report.update({f"{name}/{key}": value for key, value in test_report(head, own, patients).items()})
+        return report
+    rows = kept["row"]
+
+    def statistic(index: np.ndarray) -> dict[str, float]:
+        return objective.figures({key: value[index] for key, value in kept.items()})
+
+    figures = bootstrap_many(np.arange(len(rows)), statistic=statistic, n_resamples=n_resamples, seed=seed,
+                             groups=patients[rows])
+    return {key: value.as_dict() for key, value in figures.items()}
+
+
+def _write_predictions(path: Path, frame: pd.DataFrame, kept: dict[str, np.ndarray], classes: Sequence[str]) -> None:
+    """One row per test image: what it is, and best.pt's probability for each class."""
+    table = frame.loc[kept["row"], ["image_path", "patient_id", "source", "target_name"]].reset_index(drop=True)
+    table = table.rename(columns={"target_name": "truth"})
+    for column, name in enumerate(classes):
+        table[name] = kept["probs"][:, column]
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
+
+
+def _finish(context: RunContext, stage_reports: list[dict], stores: dict, started: float) -> dict[str, Any]:
     config, env = context.config, context.env
+    plan = context.prepared.stages[-1]
     summary: dict[str, Any] = {
         "run": str(context.dir), "config": config.name, "model": config.model.name,
-        "task": context.prepared.stages[-1].task.name, "classes": list(context.class_names),
+        "task": task_name(plan.task), "classes": context.classes,
         "stages": stage_reports, "best": context.best, "stopped": context.stop_requested,
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in stage_reports), 2),
     }
-    plan = context.prepared.stages[-1]
     test_frame = plan.frames.get(plan.data.test_split, pd.DataFrame())
     if (config.test and env.is_zero and not context.stop_requested and context.best is not None
             and not test_frame.empty):
-        store = _store_for(plan, preprocessor, stores, plan.data.test_split)
-        probs, targets = evaluate_checkpoint(context.dir / "best.pt", test_frame, store)
-        report = classification_report(targets, probs, context.class_names, groups=test_frame["patient_id"].to_numpy())
-        test = {"images": int(len(targets)), "patients": int(test_frame["patient_id"].nunique()),
-                "counts": {name: int((targets == i).sum()) for i, name in enumerate(context.class_names)},
-                "figures": {k: v.as_dict() for k, v in report.items()}}
+        objective = _objective(config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
+        store = _store_for(context, plan, stores, plan.data.test_split)
+        kept, patients = score_checkpoint(context.dir / "best.pt", store, plan.task, objective)
+        tested = store.frame
+        test = {"images": int(len(tested)), "patients": int(tested["patient_id"].nunique()),
+                "skipped": len(store.failures),
+                "counts": {str(k): int(v) for k, v in tested["target_name"].value_counts().sort_index().items()}
+                if "target_name" in tested else {},
+                "figures": test_report(objective, kept, patients)}
         write_json(context.dir / "test.json", test)
+        if "probs" in kept:
+            _write_predictions(context.dir / "test_predictions.csv", tested, kept, plan.task.classes)
         summary["test"] = test
-        for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19"):
-            if name in report:
-                say(f"test {name}: {report[name]}")
+        for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19", "macro_auc", "dice"):
+            if name in test["figures"]:
+                figure = test["figures"][name]
+                say(f"test {name}: {figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]")
     summary["wall_seconds_this_session"] = round(time.perf_counter() - started, 2)
     if env.is_zero:
         write_json(context.dir / "summary.json", summary)

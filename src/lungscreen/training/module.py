@@ -1,9 +1,11 @@
-"""The LightningModule every classification recipe trains through.
+"""The LightningModule every recipe trains through, whatever its task.
 
-One module serves every stage: it holds a zoo model, the stage's loss and optimizer settings and the
-class names, and it measures validation with the same figures the evaluation report uses
-(:func:`lungscreen.evaluation.metrics.classification_figures`), logged as ``val/<figure>`` (for example
-``val/sensitivity/COVID-19``) so any of them can drive early stopping, the best checkpoint or a search.
+One module serves every stage and every task: it holds a zoo model, the stage's optimizer settings and
+the stage's :class:`~lungscreen.training.objectives.Objective`, which decides the loss (training and
+validation alike) and the validation figures: per-class sensitivity, PPV and AUC for classifiers,
+per-label AUC for multi-label heads, Dice for masks, each head's own for a multi-task network. They are
+logged as ``val/<figure>`` (for example ``val/sensitivity/COVID-19`` or ``val/dice``) so any of them can
+drive early stopping, the best checkpoint or a search.
 
 Speed: the model and every batch are kept channels-last (NHWC), the layout oneDNN's CPU convolutions
 run fastest in (measured 15-25 % faster training steps for the ResNets, SqueezeNets and COVID-Net of the
@@ -24,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lungscreen.evaluation.metrics import classification_figures
 from lungscreen.training.config import StageConfig
-from lungscreen.training.optim import build_loss, build_optimizer, build_schedule, plan_groups
+from lungscreen.training.objectives import Objective
+from lungscreen.training.optim import build_optimizer, build_schedule, discriminative_rates, plan_groups
 
 
 def channels_last(images: Tensor) -> Tensor:
@@ -34,44 +36,42 @@ def channels_last(images: Tensor) -> Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
-class ClassifierModule(L.LightningModule):
-    """Trains a zoo classifier for one stage.
+class TrainModule(L.LightningModule):
+    """Trains a zoo model for one stage.
 
     Args:
-        model: a zoo classification model.
-        class_names: names of the output classes, in order.
-        stage: the stage's settings (trainable groups, optimizer, schedule, loss).
+        model: a zoo model.
+        objective: the stage's loss and validation figures (chosen by the task).
+        stage: the stage's settings (trainable groups, optimizer, schedule).
         lr: the stage's resolved learning rate (a rate or ``(first, last)``; ``find`` already replaced).
-        class_weights: loss weights in class order, or None.
         seed: run seed (with ``stage_index``) for the per-step RNG.
         stage_index: index of the stage in the recipe.
         monitor_mode: ``max`` or ``min``, for the plateau schedule watching a figure.
     """
 
-    def __init__(self, model: nn.Module, *, class_names: tuple[str, ...], stage: StageConfig,
-                 lr: float | tuple[float, float], class_weights: Tensor | None = None, seed: int = 0,
-                 stage_index: int = 0, monitor_mode: str = "max") -> None:
+    def __init__(self, model: nn.Module, *, objective: Objective, stage: StageConfig,
+                 lr: float | tuple[float, float], seed: int = 0, stage_index: int = 0, monitor_mode: str = "max") -> None:
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last)
-        self.class_names = tuple(class_names)
+        self.objective = objective
         self.stage = stage
         self.lr = lr[1] if isinstance(lr, tuple) else lr  # the head's rate; what the LR finder moves
         self._spread = (lr[1] / lr[0]) if isinstance(lr, tuple) else 1.0
-        self.criterion = build_loss(stage.loss, len(class_names), class_weights)
         self.seed = seed
         self.stage_index = stage_index
         self.monitor_mode = monitor_mode
         self.plan = plan_groups(model, stage.train, self.stage_rates(), train_bn=stage.train_bn,
                                 key=f"stages.{stage_index}.train")
         self._train_loss = torch.zeros(2, dtype=torch.float64)
-        self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._val_loss = torch.zeros(2, dtype=torch.float64)
+        self._val_kept: list[dict[str, np.ndarray]] = []
         self.last_validation: dict[str, float] = {}
 
     def stage_rates(self) -> float | tuple[float, float]:
         return (self.lr / self._spread, self.lr) if self._spread != 1.0 else self.lr
 
     # ---- modes ---------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> ClassifierModule:
+    def train(self, mode: bool = True) -> TrainModule:
         """Like nn.Module.train, but BatchNorm layers of frozen groups stay in eval mode (their running
         statistics belong to the weights being kept)."""
         super().train(mode)
@@ -80,7 +80,7 @@ class ClassifierModule(L.LightningModule):
                 norm.eval()
         return self
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> Any:
         return self.model(channels_last(images))
 
     # ---- training ------------------------------------------------------------------------------------
@@ -89,9 +89,9 @@ class ClassifierModule(L.LightningModule):
                                                       self.global_rank]).generate_state(1)[0]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch["image"])
-        loss = self.criterion(logits, batch["label"])
-        self._train_loss += torch.tensor([loss.detach().double().item() * len(logits), len(logits)], dtype=torch.float64)
+        loss = self.objective.loss(self(batch["image"]), batch)
+        count = len(batch["image"])
+        self._train_loss += torch.tensor([loss.detach().double().item() * count, count], dtype=torch.float64)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -103,34 +103,35 @@ class ClassifierModule(L.LightningModule):
 
     # ---- validation ----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self(batch["image"]).float()
-        loss = nn.functional.cross_entropy(logits, batch["label"], reduction="sum")
-        self._val_outputs.append((torch.softmax(logits, dim=1).cpu(), batch["label"].cpu(), loss.detach().cpu()))
+        outputs = self(batch["image"])
+        count = len(batch["image"])
+        loss = self.objective.loss(outputs, batch)
+        self._val_loss += torch.tensor([loss.detach().double().item() * count, count], dtype=torch.float64)
+        self._val_kept.append(self.objective.keep(outputs, batch))
 
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = []
+        self._val_loss.zero_()
+        self._val_kept = []
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
+        if not self._val_kept:
             return
-        probs = torch.cat([o[0] for o in self._val_outputs]).numpy()
-        labels = torch.cat([o[1] for o in self._val_outputs]).numpy()
-        loss = float(sum(o[2] for o in self._val_outputs)) / len(labels)
-        figures = {f"val/{name}": value for name, value in classification_figures(labels, probs, self.class_names).items()}
-        figures["val/loss"] = loss
+        kept = {key: np.concatenate([k[key] for k in self._val_kept if key in k])
+                for key in {key for k in self._val_kept for key in k}}
+        figures = {f"val/{name}": value for name, value in self.objective.figures(kept).items()}
+        total, count = self._val_loss.tolist()
+        figures["val/loss"] = total / count
         figures["train/loss"] = self.train_loss()
         self.last_validation = figures
-        self._val_outputs = []
+        self._val_kept = []
         for name, value in figures.items():
             # NaN (an undefined figure, e.g. PPV with no positive prediction) is logged as is; the
             # callbacks watching a figure treat it as the worst value.
-            self.log(name, float(value), prog_bar=name in ("val/loss", "val/accuracy"), sync_dist=False)
+            self.log(name, float(value), prog_bar=name in ("val/loss", "val/accuracy", "val/dice"), sync_dist=False)
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         rates = self.stage_rates()
-        from lungscreen.training.optim import discriminative_rates
-
         values = discriminative_rates(rates, len(self.plan.trained))
         groups = []
         for group in self.plan.param_groups:

@@ -21,9 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from lungscreen.errors import ConfigError
-from lungscreen.training.config import LossConfig, OptimizerConfig, ScheduleConfig, parse_train_spec
+from lungscreen.training.config import LossConfig, OptimizerConfig, ScheduleConfig
+from lungscreen.training.recipe_checks import parse_train_spec
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def layer_groups(model: nn.Module) -> list[nn.Module]:
+    """The model's layer groups (input side first, head last); the whole model is one group when it
+    defines none (segmentation models may not)."""
+    return list(model.layer_groups()) if hasattr(model, "layer_groups") else [model]
 
 
 def discriminative_rates(lr: float | tuple[float, float], count: int) -> list[float]:
@@ -67,7 +74,7 @@ class GroupPlan:
 
     def frozen_norms(self, model: nn.Module) -> list[nn.Module]:
         """Looked up on demand: DDP's SyncBatchNorm conversion replaces the layer objects."""
-        groups = list(model.layer_groups())
+        groups = layer_groups(model)
         return [m for i in self.frozen_norm_groups for m in groups[i].modules() if isinstance(m, BN_TYPES)]
 
 
@@ -76,7 +83,7 @@ def plan_groups(model: nn.Module, spec: Any, lr: float | tuple[float, float], *,
 
     Parameters outside every layer group (a zoo model should have none) train with the head.
     """
-    groups = list(model.layer_groups())
+    groups = layer_groups(model)
     trained = selected_groups(spec, len(groups), key)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -187,7 +194,8 @@ def resolve_class_weights(spec: Any, class_names: tuple[str, ...], train_targets
 
 
 def build_loss(config: LossConfig, num_classes: int, weights: Tensor | None) -> nn.Module:
-    if config.name == "ce":
+    """A classifier's loss (``ce`` when the recipe leaves the name to the task)."""
+    if config.name in (None, "ce"):
         return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     if config.name == "focal":
         return FocalLoss(config.gamma, weights)

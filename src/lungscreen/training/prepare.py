@@ -15,9 +15,12 @@ from typing import Any
 
 import pandas as pd
 
+import lungscreen.lungs  # noqa: F401  (registers the segment_lungs preprocessing step)
 from lungscreen.data.labels import Task
 from lungscreen.errors import ConfigError, LungscreenError, ManifestError
-from lungscreen.training.config import DataConfig, TrainConfig, resolve_task
+from lungscreen.preprocessing import Pipeline
+from lungscreen.training.config import DataConfig, TrainConfig
+from lungscreen.training.recipe_checks import TaskSpec, resolve_task
 from lungscreen.training.run_folder import read_json
 
 REQUIRED_COLUMNS = ("image_path", "label", "patient_id", "source", "split")
@@ -64,12 +67,17 @@ class StagePlan:
 
 @dataclass
 class Prepared:
+    """A checked recipe: its stages' data, the starting model and the run's resolved preprocessing."""
+
     config: TrainConfig
     stages: list[StagePlan]
-    base_size: int
-    model: Any = None  # the stage-0 model built while checking (reused by a fresh run)
-    pipeline: Any = "none"  # the preprocessing of the run (name or dict)
+    model: Any  # the stage-0 model built while checking (reused by a fresh run), or None
+    pipeline: Pipeline  # resolved: what every checkpoint of the run stores in its inference spec
     already_applied: bool = False  # the manifest holds images `lungscreen preprocess` already made
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({stage.image_size for stage in self.config.stages})
 
 
 def manifest_pipeline(manifest: pd.DataFrame, path: str, configured: Any, key: str) -> tuple[Any, bool]:
@@ -121,11 +129,34 @@ def load_stage_manifest(path: str, key: str, cache: dict[str, pd.DataFrame]) -> 
     return cache[path]
 
 
-def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: Task, key: str) -> dict[str, pd.DataFrame]:
-    from lungscreen.data.manifest import FRONTAL_VIEWS, for_task
+def stage_views(data: DataConfig) -> tuple[str, ...] | None:
+    """The views a stage trains on: the configured ones, or every frontal view for chest X-rays."""
+    from lungscreen.data.manifest import FRONTAL_VIEWS
 
-    views = tuple(data.views) if data.views else (FRONTAL_VIEWS if data.modality == "CXR" else None)
-    rows = for_task(manifest, task, modality=data.modality, views=views)
+    return tuple(data.views) if data.views else (FRONTAL_VIEWS if data.modality == "CXR" else None)
+
+
+def task_rows(manifest: pd.DataFrame, task: TaskSpec, *, modality: str, views: tuple[str, ...] | None) -> pd.DataFrame:
+    """The rows a task can learn from, with ``target``; a multi-task run keeps every row that at least one
+    head has a label for, with ``target/<head>`` (-1 where that head has none)."""
+    from lungscreen.data.manifest import for_task
+
+    if isinstance(task, Task):
+        return for_task(manifest, task, modality=modality, views=views)
+    rows = None
+    for name, head in task.items():
+        own = for_task(manifest, head, modality=modality, views=views)[["image_path", "target"]]
+        own = own.rename(columns={"target": f"target/{name}"})
+        rows = own if rows is None else rows.merge(own, on="image_path", how="outer")
+    merged = manifest.merge(rows, on="image_path", how="inner")
+    heads = [f"target/{name}" for name in task]
+    merged[heads] = merged[heads].fillna(-1).astype("int64")
+    merged["target"] = 0  # nothing to balance across heads
+    return merged.reset_index(drop=True)
+
+
+def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: TaskSpec, key: str) -> dict[str, pd.DataFrame]:
+    rows = task_rows(manifest, task, modality=data.modality, views=stage_views(data))
     if data.sources:
         unknown = sorted(set(data.sources) - set(manifest["source"]))
         if unknown:
@@ -137,16 +168,34 @@ def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: Task, key: str) -
         frames[split] = rows[rows["split"] == split].reset_index(drop=True)
     for split in (data.train_split, data.val_split):
         if frames[split].empty:
-            raise ConfigError(f"{key}.manifest: no {split!r} rows for task {task.name} ({data.modality}); "
+            raise ConfigError(f"{key}.manifest: no {split!r} rows for task {task_name(task)} ({data.modality}); "
                               "the manifest needs a split column with train and val images")
     return frames
+
+
+def task_name(task: TaskSpec) -> str:
+    return task.name if isinstance(task, Task) else "+".join(f"{n}:{t.name}" for n, t in task.items())
+
+
+def task_kind(task: TaskSpec) -> str:
+    return task.kind if isinstance(task, Task) else "multitask"
+
+
+def check_model_task(name: str, model_task: str, task: TaskSpec, key: str) -> None:
+    """Refuse a model that cannot learn the recipe's task (a classifier on masks, a U-Net on labels)."""
+    kind = task_kind(task)
+    fits = {"classification": ("multiclass", "multilabel"), "multilabel": ("multiclass", "multilabel"),
+            "segmentation": ("segmentation",), "multitask": ("multitask",)}
+    if kind not in fits.get(model_task, ()):
+        raise ConfigError(f"{key}: model {name} is a {model_task} model; it cannot learn the {kind} task "
+                          f"{task_name(task)} ({model_task} models learn {' or '.join(fits.get(model_task, ()))} tasks)")
 
 
 def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool = True) -> Prepared:
     """Check a recipe against the model zoo and the manifest; raise :class:`ConfigError` naming the key."""
     from lungscreen import models
-    from lungscreen.training.data import build_augment, load_pipeline
-    from lungscreen.training.optim import selected_groups
+    from lungscreen.training.augment import build_augment
+    from lungscreen.training.optim import layer_groups, selected_groups
 
     name = config.model.name
     if name not in models.list_models():
@@ -156,8 +205,8 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(models.list_models())}"
         raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
     info = models.model_info(name)
-    if info.task != "classification":
-        raise ConfigError(f"model.name: {name} is a {info.task} model; training recipes need a classification model")
+    for index in range(len(config.stages)):
+        check_model_task(name, info.task, resolve_task(config.stage_data(index).task, "data.task"), "data.task")
     # The built model knows its own minimum (architecture options such as conv8's padding change it).
     model = build_initial_model(config, resolve_task(config.stage_data(0).task, "data.task")) if build_model else None
     minimum = int(getattr(model, "min_input_size", info.min_input_size))
@@ -183,7 +232,9 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
         manifest = load_stage_manifest(data.manifest, f"{key}.manifest", manifests)
         frames = stage_rows(manifest, data, task, key)
         build_augment(data.augment, f"{key}.augment")
-        load_pipeline(data.pipeline, f"{key}.pipeline")
+        pipeline_of(data.pipeline, f"{key}.pipeline")
+        if data.balance.method != "none" and not isinstance(task, Task):
+            raise ConfigError(f"{key}.balance: a multi-task run has no single class to balance; use method none")
         if data.balance.method == "covid_percent":
             positive = task.classes.index(data.balance.positive_class)
             if not (frames[data.train_split]["target"] == positive).any():
@@ -197,20 +248,46 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
     pipeline, already = manifest_pipeline(manifests[plans[0].data.manifest], plans[0].data.manifest,
                                           plans[0].data.pipeline, "data")
     if model is not None:
-        groups = len(model.layer_groups())
+        groups = len(layer_groups(model))
         for index, stage in enumerate(config.stages):
             selected_groups(stage.train, groups, f"stages.{index}.train")
-    return Prepared(config, plans, max(s.image_size for s in config.stages), model, pipeline, already)
+    return Prepared(config, plans, model, resolved_pipeline(pipeline, "data.pipeline"), already)
+
+
+def pipeline_of(spec: Any, key: str = "data.pipeline") -> Pipeline:
+    """The preprocessing pipeline named or described by ``spec`` (None means ``none``)."""
+    from lungscreen import preprocessing
+
+    try:
+        return preprocessing.load_pipeline("none" if spec is None else spec)
+    except LungscreenError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def resolved_pipeline(spec: Any, key: str) -> Pipeline:
+    """The run's pipeline with its run-time choices fixed (which lung segmenter, the model file's hash):
+    what the checkpoint's inference spec stores."""
+    try:
+        return pipeline_of(spec, key).resolved()
+    except LungscreenError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def checkpoint_of(path: str, key: str) -> Path:
-    """A run folder's best.pt, or the checkpoint file itself."""
-    candidate = Path(path)
-    if candidate.is_dir():
-        candidate = candidate / "best.pt"
-    if not candidate.is_file():
-        raise ConfigError(f"{key}: no checkpoint at {path} (give a run folder with best.pt or a .pt file)")
-    return candidate
+    """A run folder's best.pt, or the checkpoint file itself; :class:`ConfigError` naming ``key`` otherwise."""
+    from lungscreen.models import resolve_checkpoint
+
+    return resolve_checkpoint(path, key)
+
+
+def head_sizes(task: TaskSpec) -> int | dict[str, int]:
+    """``num_classes`` of a model for ``task``: one count, or head name -> count for a multi-task model."""
+    return len(task.classes) if isinstance(task, Task) else {name: len(t.classes) for name, t in task.items()}
+
+
+def head_classes(task: TaskSpec) -> Any:
+    """What a model for ``task`` predicts: its class names, or head name -> class names."""
+    return tuple(task.classes) if isinstance(task, Task) else {name: tuple(t.classes) for name, t in task.items()}
 
 
 def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
@@ -224,9 +301,9 @@ def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
     weights, reset = spec.weights, spec.reset_head
     if spec.init_from:
         weights = str(checkpoint_of(spec.init_from, "model.init_from"))
-        reset = reset or checkpoint_classes(weights) != list(task.classes)
+        reset = reset or checkpoint_classes(weights) != head_classes(task)
     try:
-        return models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels,
+        return models.create(spec.name, num_classes=head_sizes(task), in_channels=spec.in_channels,
                              pretrained=spec.pretrained, weights=weights, reset_head=reset, **spec.options)
     except LungscreenError as error:
         key = "model.pretrained" if spec.pretrained else "model.init_from" if spec.init_from else \
@@ -234,26 +311,31 @@ def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
         raise ConfigError(f"{key}: {error}") from None
 
 
-def checkpoint_classes(path: str) -> list[str] | None:
+def checkpoint_classes(path: str) -> Any:
+    """What the checkpoint's model predicts (as :func:`head_classes`), or None for a plain weights file."""
+    from lungscreen.models import read_checkpoint
     from lungscreen.models.weights import read_weights_file
 
     _, meta = read_weights_file(path)
-    return None if meta is None else list(meta.get("class_names", []))
+    if meta is None:
+        return None
+    _, spec, _ = read_checkpoint(path)
+    if len(spec.heads) == 1 and spec.heads[0].name == "output":
+        return tuple(spec.heads[0].classes)
+    return {head.name: tuple(head.classes) for head in spec.heads}
 
 
-def swap_head(model, spec, task: Task, *, current: tuple[str, ...] | None, reset: bool, seed: int = 0):  # noqa: ANN001, ANN201
-    """The same network with a fresh head for ``task`` when its classes differ from ``current`` (the classes
-    the model predicts now) or when ``reset`` asks for one; the model itself otherwise."""
+def swap_head(model, spec, task: TaskSpec, *, current: Any, reset: bool, seed: int = 0):  # noqa: ANN001, ANN201
+    """The same network with a fresh head for ``task`` when its classes differ from ``current`` (what the
+    model predicts now) or when ``reset`` asks for one; the model itself otherwise."""
     from lungscreen import models
     from lungscreen.models.weights import merge_state
 
-    if not reset and current is not None and tuple(current) == tuple(task.classes):
-        return model
-    if not reset and current is None and model.lungscreen_spec.num_classes == len(task.classes):
+    if not reset and current == head_classes(task):
         return model
     import torch
 
     torch.manual_seed(seed)
-    fresh = models.create(spec.name, num_classes=len(task.classes), in_channels=spec.in_channels, **spec.options)
+    fresh = models.create(spec.name, num_classes=head_sizes(task), in_channels=spec.in_channels, **spec.options)
     merge_state(fresh, model.state_dict(), source="the previous stage", reset_head=True)
     return fresh

@@ -16,16 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from lungscreen.data.labels import BEHIND_HEART, HEART_EXCLUDED, MASK_CONVENTIONS  # noqa: F401  (the adapters' vocabulary)
 from lungscreen.io.images import IMAGE_SUFFIXES
-
-HEART_EXCLUDED = "heart-excluded"
-BEHIND_HEART = "behind-heart-included"
-#: mask_convention value -> what the masks draw.
-MASK_CONVENTIONS = {
-    HEART_EXCLUDED: "visible lung fields only; heart and mediastinum left out (OpenIST, Montgomery, Shenzhen, "
-                    "COVID-19 Radiography Database masks)",
-    BEHIND_HEART: "whole lungs including the region behind the heart, down to the diaphragm (v7labs)",
-}
 
 PEDIATRIC = "pediatric"
 ADULT = "adult"

@@ -1,0 +1,193 @@
+"""The inference spec: everything a consumer must know to feed a model and read its outputs.
+
+Training writes it into every checkpoint; predict, evaluate, explain, export, serve and PACS read it and
+nothing else (no consumer keeps a default of its own). It holds:
+
+* ``input``: the :class:`~lungscreen.preprocessing.model_input.InputSpec` (size, channels, intensity
+  scaling, the resolved preprocessing pipeline with the lung model's hash);
+* ``heads``: per output head its kind, class names and activation (softmax for one-of-k classes,
+  sigmoid for labels and masks);
+* ``modality`` and ``views``: what the model was trained on, so it is not silently used on other images;
+* ``operating_point``: the threshold chosen on validation, once evaluation sets one.
+
+Example:
+    >>> spec = InferenceSpec(
+    ...     input={"size": 224, "pipeline": {"name": "none", "steps": [{"name": "normalize"}]}},
+    ...     heads=[{"kind": "multiclass", "classes": ["normal", "pneumonia", "COVID-19"]}])
+    >>> spec.head().activation, spec.class_names
+    ('softmax', ['normal', 'pneumonia', 'COVID-19'])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lungscreen.errors import ConfigError
+from lungscreen.preprocessing.model_input import InputSpec
+
+if TYPE_CHECKING:
+    import torch
+
+HeadKind = Literal["multiclass", "multilabel", "segmentation"]
+#: The activation each kind of head needs (one class of k; independent labels; pixels of masks).
+ACTIVATIONS: dict[str, str] = {"multiclass": "softmax", "multilabel": "sigmoid", "segmentation": "sigmoid"}
+#: Head kinds a model of each registry task may carry.
+MODEL_TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "classification": ("multiclass", "multilabel"),
+    "multilabel": ("multiclass", "multilabel"),
+    "segmentation": ("segmentation",),
+    "multitask": ("multiclass", "multilabel", "segmentation"),
+}
+
+
+class Head(BaseModel):
+    """One output of a model.
+
+    Attributes:
+        name: the output's name (the key in a multi-head model's output dict; ``output`` for one head).
+        kind: ``multiclass`` (softmax over ``classes``), ``multilabel`` (a sigmoid per class) or
+            ``segmentation`` (a sigmoid mask per class).
+        classes: class, label or mask-channel names, in output order.
+        activation: derived from ``kind``; stored so a reader needs no table.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "output"
+    kind: HeadKind
+    classes: list[str] = Field(min_length=1)
+    activation: Literal["softmax", "sigmoid"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_activation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("activation") is None and data.get("kind") in ACTIVATIONS:
+            return {**data, "activation": ACTIVATIONS[data["kind"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _activation_fits_kind(self) -> Head:
+        wanted = ACTIVATIONS[self.kind]
+        if self.activation != wanted:
+            raise ValueError(f"a {self.kind} head needs {wanted}, not {self.activation}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names repeat: {self.classes}")
+        return self
+
+
+class OperatingPoint(BaseModel):
+    """A decision threshold chosen on validation and applied unchanged to every later prediction.
+
+    Attributes:
+        head: the head it applies to.
+        positive_class: the class whose probability is compared with ``threshold``.
+        threshold: probability at or above which an image is called ``positive_class``.
+        rule: how it was chosen (``"sensitivity>=0.95 on val"``).
+        chosen_on: the split or sources it was chosen on.
+        figures: what it reached there (sensitivity, specificity, ...).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    head: str = "output"
+    positive_class: str
+    threshold: float = Field(ge=0.0, le=1.0)
+    rule: str = ""
+    chosen_on: str = ""
+    figures: dict[str, float] = Field(default_factory=dict)
+
+
+class InferenceSpec(BaseModel):
+    """What a checkpoint's model eats and emits (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: InputSpec
+    heads: list[Head] = Field(min_length=1)
+    task: str = ""
+    modality: Literal["CXR", "CT"] = "CXR"
+    views: list[str] | None = None
+    operating_point: OperatingPoint | None = None
+
+    @model_validator(mode="after")
+    def _heads_are_unique(self) -> InferenceSpec:
+        names = [head.name for head in self.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"head names repeat: {names}")
+        point = self.operating_point
+        if point is not None:
+            head = self.head(point.head)
+            if point.positive_class not in head.classes:
+                raise ValueError(f"operating_point.positive_class {point.positive_class!r} is not a class of head "
+                                 f"{head.name!r} ({', '.join(head.classes)})")
+        return self
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    def head(self, name: str | None = None) -> Head:
+        """The head called ``name`` (the only head when None)."""
+        if name is None:
+            if len(self.heads) != 1:
+                raise ConfigError(f"this model has {len(self.heads)} heads ({', '.join(h.name for h in self.heads)}); "
+                                  "name the one you want")
+            return self.heads[0]
+        for head in self.heads:
+            if head.name == name:
+                return head
+        raise ConfigError(f"no head {name!r}; heads: {', '.join(h.name for h in self.heads)}")
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes of a single-head model."""
+        return list(self.head().classes)
+
+    def activate(self, logits: torch.Tensor, head: str | None = None) -> torch.Tensor:
+        """Probabilities from a head's logits (softmax over dimension 1, or an element-wise sigmoid)."""
+        import torch
+
+        logits = logits.float()
+        if self.head(head).activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
+
+    def with_operating_point(self, point: OperatingPoint | None) -> InferenceSpec:
+        return self.model_copy(update={"operating_point": point})
+
+    # ---- checking against a model ----------------------------------------------------------------------
+    def check_model(self, *, model_task: str, in_channels: int, num_classes: int | dict[str, int]) -> None:
+        """Refuse a spec that contradicts the model it travels with, naming the field.
+
+        Raises:
+            ConfigError: ``input.channels`` differs from the model's input channels, a head's ``classes``
+                count differs from the model's outputs, or a head kind the model cannot emit.
+        """
+        if self.input.channels != in_channels:
+            raise ConfigError(f"inference spec input.channels is {self.input.channels} but the model reads "
+                              f"{in_channels} channel(s)")
+        allowed = MODEL_TASK_HEADS.get(model_task, ())
+        for index, head in enumerate(self.heads):
+            if head.kind not in allowed:
+                raise ConfigError(f"inference spec heads.{index}.kind is {head.kind!r} but the model is a "
+                                  f"{model_task} model ({' or '.join(allowed)} heads)")
+        outputs = num_classes if isinstance(num_classes, dict) else {self.heads[0].name: num_classes}
+        if [head.name for head in self.heads] != list(outputs):
+            raise ConfigError(f"inference spec heads name {', '.join(h.name for h in self.heads)} but the model's "
+                              f"outputs are {', '.join(outputs)}")
+        for index, head in enumerate(self.heads):
+            if len(head.classes) != outputs[head.name]:
+                raise ConfigError(f"inference spec heads.{index}.classes names {len(head.classes)} class(es) but the "
+                                  f"model has {outputs[head.name]} output(s)")
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "inference spec") -> InferenceSpec:
+        """Validate plain data (from a checkpoint or a file); :class:`ConfigError` naming the first bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            location = ".".join(str(part) for part in first["loc"]) or "spec"
+            raise ConfigError(f"{where} {location}: {first['msg']}") from None
+
+
+__all__ = ["ACTIVATIONS", "Head", "InferenceSpec", "InputSpec", "OperatingPoint"]

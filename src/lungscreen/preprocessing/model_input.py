@@ -1,0 +1,120 @@
+"""The one input path: a decoded image becomes the tensor a model eats, the same way everywhere.
+
+Training, predict, evaluation, explanations, export and the server all call these functions with the
+:class:`InputSpec` stored in the checkpoint, so a model never sees its inputs prepared two ways::
+
+    decoded float image  --preprocess-->  8-bit picture  --fit-->  size x size  --to_tensor-->  (N, C, S, S)
+                          (the pipeline)   (as cached)      (masks, boxes and    (scale to [0, 1], normalise,
+                                                            geometry follow)     repeat gray channels)
+
+* :func:`preprocess` runs the named pipeline (equalisation, lung masking, crops...) and quantises the
+  result to 8 bits: the picture the preprocessing cache stores, so a cached and a freshly computed image
+  are the same bytes.
+* :func:`fit` resizes to the model's square side (area averaging when shrinking, bilinear when growing;
+  masks nearest-neighbour; boxes scaled). The sample's :class:`~lungscreen.preprocessing.geometry.Geometry`
+  keeps the window of the original image it shows, so a heat-map maps back onto the original.
+* :func:`to_tensor` = :func:`scale` (uint8 -> [0, 1]) then :func:`normalize` (``(x - mean) / std`` and the
+  gray image repeated to the model's channels). Training augments between the two.
+
+Example:
+    >>> spec = InputSpec(size=64, pipeline={"name": "none", "steps": [{"name": "normalize"}]})
+    >>> sample = prepare(np.random.default_rng(0).random((90, 120), dtype=np.float32), spec)
+    >>> sample.image.shape, sample.image.dtype
+    ((64, 64), dtype('uint8'))
+    >>> tuple(to_tensor([sample.image], spec).shape)
+    (1, 1, 64, 64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lungscreen.preprocessing.pipelines import Pipeline, load_pipeline
+from lungscreen.preprocessing.transforms import Sample, resize, to_uint8
+
+if TYPE_CHECKING:
+    import torch
+
+
+class InputSpec(BaseModel):
+    """What a model eats: stored in its checkpoint, read by every consumer (no consumer has defaults).
+
+    Attributes:
+        size: side of the square input in pixels.
+        channels: input channels; a gray image is repeated to fill them.
+        mean: subtracted after scaling to [0, 1].
+        std: divides after subtracting ``mean`` (ImageNet-style normalisation when a model needs it).
+        pipeline: the resolved preprocessing pipeline (``Pipeline.to_dict()``: every step's parameters,
+            the lung model's SHA-256 for ``segment_lungs``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int = Field(ge=8)
+    channels: int = Field(default=1, ge=1)
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+    pipeline: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _pipeline_is_complete(self) -> InputSpec:
+        if "name" not in self.pipeline or not isinstance(self.pipeline.get("steps"), list):
+            raise ValueError("pipeline must be a resolved pipeline dict with 'name' and 'steps'")
+        return self
+
+    def load_pipeline(self) -> Pipeline:
+        """The preprocessing pipeline this input needs (steps rebuilt from their stored parameters)."""
+        return load_pipeline(self.pipeline)
+
+
+def preprocess(sample: Sample | np.ndarray, pipeline: Pipeline) -> Sample:
+    """Run the pipeline, then quantise to 8 bits (the picture the cache stores); masks and boxes follow."""
+    sample = sample if isinstance(sample, Sample) else Sample(np.asarray(sample, np.float32))
+    out = pipeline.apply(sample)
+    return out.replace(image=to_uint8(out.image))
+
+
+def fit(sample: Sample, size: int) -> Sample:
+    """The preprocessed picture at the model's ``size`` x ``size`` (masks, boxes and geometry follow)."""
+    return resize(sample, size, size)
+
+
+def prepare(image: Sample | np.ndarray, spec: InputSpec, pipeline: Pipeline | None = None) -> Sample:
+    """:func:`preprocess` then :func:`fit`: an image ready for :func:`to_tensor`.
+
+    Args:
+        image: a decoded float image in [0, 1] (or a :class:`Sample` carrying masks and boxes).
+        spec: the model's input spec.
+        pipeline: the spec's pipeline, already loaded (callers preparing many images load it once).
+    """
+    return fit(preprocess(image, pipeline or spec.load_pipeline()), spec.size)
+
+
+def scale(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (S, S) -> float32 tensor (1, S, S) in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).div_(255.0).unsqueeze(0)
+
+
+def normalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """(..., 1, S, S) in [0, 1] -> (..., channels, S, S): ``(x - mean) / std``, gray repeated to the channels."""
+    if spec.mean != 0.0 or spec.std != 1.0:
+        images = (images - spec.mean) / spec.std
+    if spec.channels > 1:
+        images = images.expand(*images.shape[:-3], spec.channels, *images.shape[-2:]).contiguous()
+    return images
+
+
+def to_tensor(pixels: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
+    """A batch (N, channels, S, S) from prepared uint8 images."""
+    import torch
+
+    return normalize(torch.stack([scale(p) for p in pixels]), spec)
+
+
+__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "to_tensor"]
