@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from model_specs import spec_for
 from torch import nn
-from training_fixtures import make_manifest, make_phantom_manifest, tiny_recipe
 
 from lungscreen.data.labels import TASKS
 from lungscreen.data.phantoms import render_phantom
@@ -28,6 +26,8 @@ from lungscreen.training.augment import AUGMENTATIONS, build_augment
 from lungscreen.training.config import LossConfig, from_dict
 from lungscreen.training.engine import train
 from lungscreen.training.objectives import MultitaskObjective, build_objective
+from model_specs import spec_for
+from training_fixtures import make_manifest, make_phantom_manifest, tiny_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from lungscreen.data.manifest import new_row, save_manifest
-from lungscreen.data.sources import Skips, get_source
-from lungscreen.data.sources.common import BEHIND_HEART, HEART_EXCLUDED
-from lungscreen.data.phantoms import render_phantom
-from lungscreen.errors import LeakageError, ManifestError
 from lungscreen.cli.lungs import train_lung_model
 from lungscreen.data.labels import TASKS
+from lungscreen.data.manifest import new_row, save_manifest
+from lungscreen.data.phantoms import render_phantom
+from lungscreen.data.sources import Skips, get_source
+from lungscreen.data.sources.common import BEHIND_HEART, HEART_EXCLUDED
+from lungscreen.errors import LeakageError, ManifestError
 from lungscreen.evaluation.metrics import dice_iou
 from lungscreen.lungs import (
     ClassicalSegmenter,

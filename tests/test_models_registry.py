@@ -10,8 +10,6 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from model_specs import spec_for
-
 from lungscreen.cli.models import app
 from lungscreen.errors import ConfigError
 from lungscreen.models import (
@@ -24,6 +22,7 @@ from lungscreen.models import (
     save_checkpoint,
     unregister_model,
 )
+from model_specs import spec_for
 
 ZOO = ["conv8", "covid_resnet", "covidnet", "covidnet_small", "covidnet_tiny", "densenet121", "lung_unet",
        "resnet18", "resnet50", "squeezenet1_0", "squeezenet1_0_bypass", "squeezenet1_1", "squeezenet1_1_bypass",

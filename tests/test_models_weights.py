@@ -12,8 +12,6 @@ import torch
 import torchvision
 
 from lungscreen.errors import ConfigError, LungscreenError
-from model_specs import spec_for
-
 from lungscreen.models import (
     UnsafeWeightsError,
     WeightsError,
@@ -23,6 +21,7 @@ from lungscreen.models import (
     model_info,
     save_checkpoint,
 )
+from model_specs import spec_for
 
 PIPELINE = {"name": "equalize", "steps": [{"name": "equalize"}, {"name": "normalize"}]}
 SIDE = {"conv8": 256}  # conv8 is checked with padding=1 (its option) to stay small

@@ -64,8 +64,8 @@ def train_lung_model(manifest: Path | None, target: Path | None = None, *, confi
     from lungscreen.lungs.segmenter import default_model_path
     from lungscreen.training.config import load_config
     from lungscreen.training.engine import train as run_training
-    from lungscreen.training.run_folder import default_run_dir
     from lungscreen.training.prepare import DistEnv
+    from lungscreen.training.run_folder import default_run_dir
 
     if resume is not None:
         result = run_training(None, resume=resume)  # type: ignore[arg-type]

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from lungscreen.data.graph import chain_edges, connected_components
-
 from lungscreen.errors import LeakageError, ManifestError
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -27,7 +27,7 @@ from lungscreen.io.files import iter_image_files
 from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
 from lungscreen.models import Checkpoint, load_checkpoint, resolve_checkpoint
 from lungscreen.preprocessing import Sample
-from lungscreen.preprocessing.model_input import prepare, to_tensor
+from lungscreen.preprocessing.model_input import prepare, spec_pipeline, to_tensor
 
 
 class Predictor:
@@ -50,7 +50,7 @@ class Predictor:
             raise ConfigError(f"{self.checkpoint.path}: a {kind} model; predict scores classifiers "
                               "(lung models: `lungscreen lungs segment`)")
         self.class_names = list(head.classes)
-        self.pipeline = self.spec.input.load_pipeline()
+        self.pipeline = spec_pipeline(self.spec.input)
         self.model = self.checkpoint.model.eval()
 
     def prepare(self, image: np.ndarray | Sample) -> Sample:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lungscreen.data.splits import with_splits
 from lungscreen.errors import LeakageError, LungscreenError
 from lungscreen.evaluation.metrics import Estimate, bootstrap_ci, dice_iou
-from lungscreen.data.splits import with_splits
 from lungscreen.io.images import read_image, read_mask_layers
 from lungscreen.lungs.data import mask_rows
 from lungscreen.progress import progress_or_quiet

@@ -12,8 +12,8 @@ from rich.console import Console
 from lungscreen.errors import LungscreenError
 from lungscreen.io.files import write_png
 from lungscreen.io.images import read_image
-from lungscreen.progress import progress_or_quiet
 from lungscreen.preprocessing.transforms import to_uint8
+from lungscreen.progress import progress_or_quiet
 
 #: Overlay colours (BGR, as OpenCV writes them): lungs tinted red, their outline yellow.
 TINT, OUTLINE, ALPHA = (40, 40, 230), (0, 220, 255), 0.35

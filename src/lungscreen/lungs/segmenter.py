@@ -23,7 +23,7 @@ import numpy as np
 from lungscreen.lungs.classical import classical_lung_mask
 from lungscreen.lungs.data import CONVENTIONS
 from lungscreen.lungs.postprocess import clean_mask
-from lungscreen.preprocessing.model_input import prepare, to_tensor
+from lungscreen.preprocessing.model_input import prepare, spec_pipeline, to_tensor
 from lungscreen.preprocessing.transforms import PreprocessingError
 
 #: Model name of the lung U-Net in the registry.
@@ -87,7 +87,7 @@ class UNetSegmenter:
         self.classes = list(head.classes)
         self.channel = self.classes.index(convention)
         self.spec = checkpoint.spec
-        self.pipeline = checkpoint.spec.input.load_pipeline()
+        self.pipeline = spec_pipeline(checkpoint.spec.input)
         self.input_size = checkpoint.spec.input.size
         self.weights_sha256 = checkpoint.sha256
         self.train_patients = set(checkpoint.meta.get("extra", {}).get("train_patients", []))

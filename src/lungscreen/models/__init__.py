@@ -35,8 +35,8 @@ from lungscreen.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from lungscreen.models.inference_spec import Head, InferenceSpec, OperatingPoint
 from lungscreen.models.complexity import Complexity, complexity, count_macs, count_parameters
+from lungscreen.models.inference_spec import Head, InferenceSpec, OperatingPoint
 from lungscreen.models.registry import (
     TASKS,
     ModelInfo,

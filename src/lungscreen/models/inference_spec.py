@@ -3,7 +3,7 @@
 Training writes it into every checkpoint; predict, evaluate, explain, export, serve and PACS read it and
 nothing else (no consumer keeps a default of its own). It holds:
 
-* ``input``: the :class:`~lungscreen.preprocessing.model_input.InputSpec` (size, channels, intensity
+* ``input``: the :class:`InputSpec` (size, channels, intensity
   scaling, the resolved preprocessing pipeline with the lung model's hash);
 * ``heads``: per output head its kind, class names and activation (softmax for one-of-k classes,
   sigmoid for labels and masks);
@@ -25,10 +25,40 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lungscreen.errors import ConfigError
-from lungscreen.preprocessing.model_input import InputSpec
 
 if TYPE_CHECKING:
     import torch
+
+
+class InputSpec(BaseModel):
+    """What a model eats: stored in its checkpoint, read by every consumer (no consumer has defaults).
+
+    :mod:`lungscreen.preprocessing.model_input` turns an image into this input; the spec itself is plain
+    data, so it lives with the checkpoint, beneath the preprocessing that reads it.
+
+    Attributes:
+        size: side of the square input in pixels.
+        channels: input channels; a gray image is repeated to fill them.
+        mean: subtracted after scaling to [0, 1].
+        std: divides after subtracting ``mean`` (ImageNet-style normalisation when a model needs it).
+        pipeline: the resolved preprocessing pipeline (``Pipeline.to_dict()``: every step's parameters,
+            the lung model's SHA-256 for ``segment_lungs``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int = Field(ge=8)
+    channels: int = Field(default=1, ge=1)
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+    pipeline: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _pipeline_is_complete(self) -> InputSpec:
+        if "name" not in self.pipeline or not isinstance(self.pipeline.get("steps"), list):
+            raise ValueError("pipeline must be a resolved pipeline dict with 'name' and 'steps'")
+        return self
+
 
 HeadKind = Literal["multiclass", "multilabel", "segmentation"]
 #: The activation each kind of head needs (one class of k; independent labels; pixels of masks).

@@ -12,8 +12,8 @@ See :mod:`lungscreen.preprocessing.pipelines` for the named chains and how a che
 from lungscreen.preprocessing.cache import (
     PreprocessCache,
     PreprocessResult,
-    preprocess_manifest,
     preprocess_file,
+    preprocess_manifest,
     read_sample,
     run_file,
 )

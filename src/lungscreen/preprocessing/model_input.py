@@ -28,47 +28,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lungscreen.models.inference_spec import InputSpec
 from lungscreen.preprocessing.pipelines import Pipeline, load_pipeline
 from lungscreen.preprocessing.transforms import Sample, resize, to_uint8
 
 if TYPE_CHECKING:
     import torch
-
-
-class InputSpec(BaseModel):
-    """What a model eats: stored in its checkpoint, read by every consumer (no consumer has defaults).
-
-    Attributes:
-        size: side of the square input in pixels.
-        channels: input channels; a gray image is repeated to fill them.
-        mean: subtracted after scaling to [0, 1].
-        std: divides after subtracting ``mean`` (ImageNet-style normalisation when a model needs it).
-        pipeline: the resolved preprocessing pipeline (``Pipeline.to_dict()``: every step's parameters,
-            the lung model's SHA-256 for ``segment_lungs``).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    size: int = Field(ge=8)
-    channels: int = Field(default=1, ge=1)
-    mean: float = 0.0
-    std: float = Field(default=1.0, gt=0)
-    pipeline: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _pipeline_is_complete(self) -> InputSpec:
-        if "name" not in self.pipeline or not isinstance(self.pipeline.get("steps"), list):
-            raise ValueError("pipeline must be a resolved pipeline dict with 'name' and 'steps'")
-        return self
-
-    def load_pipeline(self) -> Pipeline:
-        """The preprocessing pipeline this input needs (steps rebuilt from their stored parameters)."""
-        return load_pipeline(self.pipeline)
 
 
 def preprocess(sample: Sample | np.ndarray, pipeline: Pipeline) -> Sample:
@@ -83,6 +52,11 @@ def fit(sample: Sample, size: int) -> Sample:
     return resize(sample, size, size)
 
 
+def spec_pipeline(spec: InputSpec) -> Pipeline:
+    """The preprocessing pipeline an input spec names (steps rebuilt from their stored parameters)."""
+    return load_pipeline(spec.pipeline)
+
+
 def prepare(image: Sample | np.ndarray, spec: InputSpec, pipeline: Pipeline | None = None) -> Sample:
     """:func:`preprocess` then :func:`fit`: an image ready for :func:`to_tensor`.
 
@@ -91,7 +65,7 @@ def prepare(image: Sample | np.ndarray, spec: InputSpec, pipeline: Pipeline | No
         spec: the model's input spec.
         pipeline: the spec's pipeline, already loaded (callers preparing many images load it once).
     """
-    return fit(preprocess(image, pipeline or spec.load_pipeline()), spec.size)
+    return fit(preprocess(image, pipeline or spec_pipeline(spec)), spec.size)
 
 
 def scale(pixels: np.ndarray) -> torch.Tensor:
@@ -117,4 +91,4 @@ def to_tensor(pixels: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
     return normalize(torch.stack([scale(p) for p in pixels]), spec)
 
 
-__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "to_tensor"]
+__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "spec_pipeline", "to_tensor"]

@@ -40,7 +40,7 @@ from lungscreen.preprocessing.transforms import (
     transform_from_dict,
 )
 
-#: Name of the lung segmentation step (registered by :mod:`lungscreen.lungs.step`).
+#: Name of the lung segmentation step (registered by the ``lungs`` package, the layer above this one).
 SEGMENT_LUNGS = "segment_lungs"
 
 
@@ -119,7 +119,7 @@ _TARTAGLIONE: list[dict[str, Any]] = [{"name": "equalize"}, {"name": SEGMENT_LUN
                                      {"name": "apply_lung_mask", "blur_radius": 3.0}, {"name": "normalize"}]
 
 #: Pipeline name -> its steps as plain dicts (rebuilt through the step registry, where ``segment_lungs``
-#: comes from :mod:`lungscreen.lungs`).
+#: comes from the ``lungs`` package).
 PIPELINES: dict[str, list[dict[str, Any]]] = {
     "none": [{"name": "normalize"}],
     "covidnet": [{"name": "top_crop", "fraction": 0.08}, {"name": "center_square"}, {"name": "normalize"}],

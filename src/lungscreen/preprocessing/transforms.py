@@ -20,7 +20,7 @@ The steps (paper in brackets):
 ``resize``          ``size`` x ``size`` (area averaging when shrinking; masks nearest-neighbour).
 ``normalize``       min-max rescale to [0, 1] (000); idempotent.
 ``segment_lungs``   lung mask from the U-Net (or the documented classical fallback); registered by
-                    :mod:`lungscreen.lungs.step` (preprocessing stands beneath segmentation and never
+                    the ``lungs`` package's ``step`` module (preprocessing stands beneath segmentation and never
                     imports it); stored in ``sample.masks["lungs"]``, the image is unchanged.
 ``apply_lung_mask`` multiply by the lung mask blurred with a Gaussian of ``blur_radius`` px (000: 3 px,
                     so the network never sees a sharp lung edge it could use as a shape cue).
@@ -152,7 +152,7 @@ def transform_from_dict(spec: dict[str, Any]) -> Transform:
     params = {key: value for key, value in spec.items() if key != "name"}
     name = spec["name"]
     if name not in _TRANSFORMS:
-        hint = " (it is registered by lungscreen.lungs: import that package first)" if name == "segment_lungs" else ""
+        hint = " (the lung segmentation package registers it when imported)" if name == "segment_lungs" else ""
         raise ConfigError(f"unknown preprocessing step {name!r}{hint}; known: {', '.join(list_transforms())}")
     cls = _TRANSFORMS[name]
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, StrictBool
-from pydantic import ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from lungscreen.errors import ConfigError

@@ -33,8 +33,9 @@ from torchvision.transforms import v2
 
 from lungscreen.data.labels import Task
 from lungscreen.errors import LungscreenError
+from lungscreen.models.inference_spec import InputSpec
 from lungscreen.preprocessing import Pipeline, Sample, preprocess_file, read_sample
-from lungscreen.preprocessing.model_input import InputSpec, fit, normalize, scale
+from lungscreen.preprocessing.model_input import fit, normalize, scale
 from lungscreen.preprocessing.transforms import IGNORE, REFERENCE, PreprocessingError, to_uint8
 from lungscreen.training.sampling import SampleKey
 

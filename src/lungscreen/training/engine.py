@@ -46,8 +46,7 @@ import yaml
 
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import write_atomic
-from lungscreen.models.inference_spec import Head, InferenceSpec
-from lungscreen.preprocessing.model_input import InputSpec
+from lungscreen.models.inference_spec import Head, InferenceSpec, InputSpec
 from lungscreen.training.callbacks import is_finite, make_callbacks
 from lungscreen.training.config import StageConfig, TrainConfig, from_dict, to_raw
 from lungscreen.training.prepare import (
@@ -67,7 +66,6 @@ from lungscreen.training.prepare import (
 )
 from lungscreen.training.run_folder import default_run_dir, quiet_lightning, read_json, run_log, say, write_json
 from lungscreen.training.tracking import MlflowTracker
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
@@ -472,33 +470,6 @@ def _find_lr(context: RunContext, index: int, stage_dir: Path, model, objective,
     return (found / stage.optimizer.lr_spread, found) if stage.optimizer.lr_spread > 1 else found
 
 
-def measure_precision(model, image_size: int, batch_size: int, in_channels: int = 1, repeats: int = 3) -> dict[str, float]:  # noqa: ANN001
-    """Seconds per training step in float32 and in bf16 autocast (a copy of the model; best of ``repeats``),
-    in the channels-last layout training uses."""
-    import torch
-
-    from lungscreen.training.module import channels_last
-
-    probe = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
-    images = channels_last(torch.rand(batch_size, in_channels, image_size, image_size))
-    optimizer = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad] or list(probe.parameters()), lr=0.0)
-    timings = {}
-    for name, enabled in (("fp32", False), ("bf16", True)):
-        best = float("inf")
-        for attempt in range(repeats + 1):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                outputs = probe(images)
-                loss = sum(o.float().square().mean() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if attempt:  # the first is a warm-up
-                best = min(best, time.perf_counter() - start)
-        timings[f"{name}_step_s"] = best
-    return timings
-
-
 def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: StagePlan) -> str:  # noqa: ANN001
     """``32`` / ``bf16`` as configured; ``auto`` measures both on this machine and keeps the faster."""
     wanted = context.config.precision
@@ -512,6 +483,8 @@ def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: 
     if not torch.backends.mkldnn.is_available():
         choice, timings = "32", {}
     else:
+        from lungscreen.training.precision import measure_precision
+
         timings = measure_precision(model, stage.image_size, max(2, plan.data.batch_size // context.env.world_size),
                                     context.config.model.in_channels)
         choice = "bf16" if timings["bf16_step_s"] < 0.9 * timings["fp32_step_s"] else "32"
@@ -525,63 +498,6 @@ def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: 
 # ---------------------------------------------------------------------------------------------------------
 # End of a run: test evaluation and summary
 # ---------------------------------------------------------------------------------------------------------
-
-def score_checkpoint(path: Path, store, task: TaskSpec, objective, *,  # noqa: ANN001
-                     batch_size: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """What ``objective`` keeps of a checkpoint's outputs on a loaded store's rows, and the patient of every
-    image, through the checkpoint's own inference spec."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lungscreen.models import load_checkpoint
-    from lungscreen.training.data import ManifestDataset, collate
-    from lungscreen.training.module import channels_last
-
-    checkpoint = load_checkpoint(path)
-    dataset = ManifestDataset(store, checkpoint.spec.input.size, checkpoint.spec.input, task)
-    kept: list[dict[str, np.ndarray]] = []
-    model = checkpoint.model.to(memory_format=torch.channels_last)
-    offset = 0
-    with torch.inference_mode():
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            part = objective.keep(model(channels_last(batch["image"])), batch)
-            kept.append({key: value + offset if key.endswith("row") else value for key, value in part.items()})
-            offset += len(batch["image"])
-    merged = {key: np.concatenate([k[key] for k in kept if key in k]) for key in {key for k in kept for key in k}}
-    return merged, store.frame["patient_id"].astype(str).to_numpy()
-
-
-def test_report(objective, kept: dict[str, np.ndarray], patients: np.ndarray, *, n_resamples: int = 1000,  # noqa: ANN001
-                seed: int = 0) -> dict[str, Any]:
-    """Every figure of the objective with its 95 % bootstrap interval, whole patients resampled."""
-    from lungscreen.evaluation.metrics import bootstrap_many
-    from lungscreen.training.objectives import MultitaskObjective, head_of
-
-    if isinstance(objective, MultitaskObjective):
-        report: dict[str, Any] = {}
-        for name, head in objective.heads.items():
-            own = head_of(kept, name)
-            if own:
-                report.update({f"{name}/{key}": value for key, value in test_report(head, own, patients).items()})
-        return report
-    rows = kept["row"]
-
-    def statistic(index: np.ndarray) -> dict[str, float]:
-        return objective.figures({key: value[index] for key, value in kept.items()})
-
-    figures = bootstrap_many(np.arange(len(rows)), statistic=statistic, n_resamples=n_resamples, seed=seed,
-                             groups=patients[rows])
-    return {key: value.as_dict() for key, value in figures.items()}
-
-
-def _write_predictions(path: Path, frame: pd.DataFrame, kept: dict[str, np.ndarray], classes: Sequence[str]) -> None:
-    """One row per test image: what it is, and best.pt's probability for each class."""
-    table = frame.loc[kept["row"], ["image_path", "patient_id", "source", "target_name"]].reset_index(drop=True)
-    table = table.rename(columns={"target_name": "truth"})
-    for column, name in enumerate(classes):
-        table[name] = kept["probs"][:, column]
-    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
-
 
 def _finish(context: RunContext, stage_reports: list[dict], stores: dict, started: float) -> dict[str, Any]:
     config, env = context.config, context.env
@@ -597,6 +513,8 @@ def _finish(context: RunContext, stage_reports: list[dict], stores: dict, starte
             and not test_frame.empty):
         objective = _objective(config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
         store = _store_for(context, plan, stores, plan.data.test_split)
+        from lungscreen.training.testing import score_checkpoint, test_report, write_predictions
+
         kept, patients = score_checkpoint(context.dir / "best.pt", store, plan.task, objective)
         tested = store.frame
         test = {"images": int(len(tested)), "patients": int(tested["patient_id"].nunique()),
@@ -606,7 +524,7 @@ def _finish(context: RunContext, stage_reports: list[dict], stores: dict, starte
                 "figures": test_report(objective, kept, patients)}
         write_json(context.dir / "test.json", test)
         if "probs" in kept:
-            _write_predictions(context.dir / "test_predictions.csv", tested, kept, plan.task.classes)
+            write_predictions(context.dir / "test_predictions.csv", tested, kept, plan.task.classes)
         summary["test"] = test
         for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19", "macro_auc", "dice"):
             if name in test["figures"]:
