@@ -99,7 +99,7 @@ def measure_bf16() -> list[dict]:
     import torch
 
     from lungscreen import models
-    from lungscreen.training.engine import measure_precision
+    from lungscreen.training.precision import measure_precision
 
     rows = []
     for threads in (1, 2):

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lungscreen"
 #: Bottom to top; a package may import its own layer and the layers listed before it.
 LAYERS = [
-    {"errors", "io", "progress"},
+    {"errors", "interrupts", "io", "progress"},
     {"evaluation"},  # the metrics module: pure functions
     {"data"},
     {"models"},

@@ -40,7 +40,7 @@ def cohen_tree(root: Path, patients: int = 24) -> Path:
 
 def test_build_reports_bad_files_and_goes_on(tmp_path: Path) -> None:
     tree = cohen_tree(tmp_path / "cohen")
-    result = run("data", "build", tmp_path, "--out", tmp_path / "out" / "m", "--workers", "1")
+    result = run("data", "build", tmp_path, "--out", tmp_path / "out" / "m", "--workers", "1", "--mkdir")
     assert result.returncode == 0, result.stderr
     assert "found cohen" in result.stdout
     assert "unreadable image" in result.stdout and "file absent" in result.stdout
@@ -53,7 +53,7 @@ def test_build_reports_bad_files_and_goes_on(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob("*.tmp")), "no temporary files left behind"
 
     checked = run("data", "validate", tmp_path / "out" / "m.parquet")
-    assert checked.returncode == 0 and "no leakage" in checked.stdout
+    assert checked.returncode == 0 and "no leakage" in checked.stdout and "every file present" in checked.stdout
 
 
 def test_leaking_manifest_refused_in_one_line(tmp_path: Path) -> None:

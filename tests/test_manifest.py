@@ -11,11 +11,14 @@ import pytest
 from lungscreen.data.labels import TASKS, canonical_from_finding, get_task
 from lungscreen.data.manifest import (
     boxes_for_size,
+    check_files,
     encode_boxes,
     for_task,
     load_manifest,
+    missing_files,
     new_row,
     normalize_view,
+    relocate_paths,
     save_manifest,
     validate,
 )
@@ -122,6 +125,47 @@ def test_relative_paths_resolve_against_manifest_folder(tmp_path: Path) -> None:
     frame.to_csv(tmp_path / "m.csv", index=False)
     loaded = load_manifest(tmp_path / "m.csv")
     assert loaded.loc[0, "image_path"] == str(tmp_path / "images" / "0.png")
+
+
+def test_paths_stored_relative_to_the_manifest_folder_under_it(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    frame = rows()
+    frame["image_path"] = ["../out/data/a.png", str(tmp_path / "out" / "b.png"), "../elsewhere/c.png", "/data/d.png"]
+    frame["mask_path"] = ["../out/data/a.mask.png", "", "", ""]
+    frame["lung_mask_path"] = ["", "", "../elsewhere/c.lungs.png", ""]  # any *_path column follows the rule
+    save_manifest(frame, "../out/m")  # the caller's relative paths: relative to the working folder
+    stored = pd.read_csv(tmp_path / "out" / "m.csv", keep_default_na=False)
+    elsewhere = str(tmp_path / "elsewhere" / "c.png")
+    assert stored["image_path"].tolist() == ["data/a.png", "b.png", elsewhere, "/data/d.png"]
+    assert stored["mask_path"].tolist() == ["data/a.mask.png", "", "", ""]
+    assert stored.loc[2, "lung_mask_path"] == str(tmp_path / "elsewhere" / "c.lungs.png")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_manifest(tmp_path / "out" / "m.parquet")  # absolute, whatever the working folder
+    assert loaded["image_path"].tolist() == [str(tmp_path / "out" / "data" / "a.png"), str(tmp_path / "out" / "b.png"),
+                                             str(tmp_path / "elsewhere" / "c.png"), "/data/d.png"]
+    assert loaded["mask_path"].tolist() == [str(tmp_path / "out" / "data" / "a.mask.png"), "", "", ""]
+
+
+def test_missing_files_checks_images_and_nonempty_masks(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    mask = str(tmp_path / "a.mask.png")
+    frame = validate(pd.DataFrame([new_row(tmp_path / "a.png", "normal", "p1", "s", mask_path=mask),
+                                   new_row(tmp_path / "b.png", "normal", "p2", "s")]))
+    assert missing_files(frame) == [("image_path", str(tmp_path / "b.png")), ("mask_path", mask)]
+    expected = rf"^m.parquet: 2 of 3 image/mask files it lists are missing, first: {tmp_path}/b.png, "
+    with pytest.raises(ManifestError, match=expected):
+        check_files(frame, "m.parquet")
+    check_files(frame.iloc[:0], "empty.parquet")
+
+
+def test_relocate_paths_rewrites_the_prefix_only(tmp_path: Path) -> None:
+    frame = validate(pd.DataFrame([new_row("/old/data/a.png", "normal", "p1", "s", mask_path="/old/data/m/a.png"),
+                                   new_row("/old/database/b.png", "normal", "p2", "s"),
+                                   new_row("/other/c.png", "normal", "p3", "s")]))
+    moved, changed = relocate_paths(frame, "/old/data/", tmp_path)
+    assert moved["image_path"].tolist() == [str(tmp_path / "a.png"), "/old/database/b.png", "/other/c.png"]
+    assert moved.loc[0, "mask_path"] == str(tmp_path / "m" / "a.png") and len(changed) == 2
 
 
 def test_non_utf8_manifest_csv(tmp_path: Path) -> None:

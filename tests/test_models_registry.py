@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
@@ -132,7 +134,7 @@ def test_registration_errors_are_programming_errors(segmentation_model: str) -> 
         unregister_model("test_broken")
 
 
-def test_cli_lists_every_model_with_parameters_and_macs() -> None:
+def test_cli_json_lists_every_model_with_parameters_and_macs() -> None:
     result = CliRunner().invoke(app, ["list", "--json"])
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.output)}
@@ -140,10 +142,47 @@ def test_cli_lists_every_model_with_parameters_and_macs() -> None:
     assert abs(rows["covidnet"]["parameters"] - 117.4e6) / 117.4e6 < 0.10
     assert rows["covidnet"]["macs"] > 1e9 and rows["conv8"]["input_size"] == 1024
     assert rows["squeezenet1_1"]["min_input_size"] == 17
+    assert rows["covidnet"]["paper"] == "004 COVID-Net" and rows["covidnet"]["description"].startswith("COVID-Net")
 
-    table = CliRunner().invoke(app, ["list", "squeeze*"], env={"COLUMNS": "200"})
-    assert table.exit_code == 0, table.output
-    assert "squeezenet_ct" in table.output and "1.27 M" in table.output and "covidnet" not in table.output
+
+@pytest.fixture
+def console_100(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command prints to a 100-column terminal (the console is made once, at import)."""
+    import lungscreen.cli.models as models_cli
+
+    monkeypatch.setattr(models_cli, "out", Console(width=100))
+
+
+def _lines(output: str) -> list[str]:
+    return [line.rstrip() for line in output.splitlines() if line.strip()]
+
+
+def test_cli_table_is_quick_and_fits_100_columns(console_100: None) -> None:
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["list"])
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    assert seconds < 10, f"models list took {seconds:.1f} s (it builds no model)"  # a sanity bound, not a benchmark
+    lines = _lines(result.output)
+    assert max(len(line) for line in lines) <= 100
+    rows = {line.split()[0]: line for line in lines if line.split()[0] in ZOO}
+    assert list(rows) == ZOO and len(lines) == len(ZOO) + 4  # title, header, rule, caption: nothing wraps
+    assert "DenseNet-121 (CheXNet)" in rows["densenet121"] and rows["densenet121"].endswith("…")
+    assert "224 (32)" in rows["covidnet"]
+
+
+def test_cli_table_counts_on_request_and_wraps_when_wide(console_100: None) -> None:
+    counted = CliRunner().invoke(app, ["list", "squeeze*", "--macs"])
+    assert counted.exit_code == 0, counted.output
+    lines = _lines(counted.output)
+    assert max(len(line) for line in lines) <= 100
+    assert "squeezenet_ct" in counted.output and "1.27 M" in counted.output and "covidnet" not in counted.output
+
+    wide = CliRunner().invoke(app, ["list", "squeezenet_ct", "--wide"])
+    assert wide.exit_code == 0, wide.output
+    assert max(len(line) for line in _lines(wide.output)) <= 100
+    text = " ".join(line.split("  ")[-1].strip() for line in _lines(wide.output))
+    assert "1x1x128, GAP" in text and "…" not in wide.output
 
 
 def test_cli_reports_an_empty_pattern_as_a_config_error() -> None:

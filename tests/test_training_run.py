@@ -84,7 +84,8 @@ def test_run_folder_freezing_lr_finder_tracking_and_predict(manifest, tmp_path):
         shutil.copy(path, folder / path.name)
     (tmp_path / "new" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     frame = predict_paths(run, [tmp_path / "new"])
-    assert list(frame.columns) == ["path", "frame", "normal", "pneumonia", "COVID-19", "prediction", "error"]
+    assert list(frame.columns) == ["path", "frame", "normal", "pneumonia", "COVID-19", "prediction", "ood", "ood_score", "note",
+                                     "error"]
     assert len(frame) == 4
     broken = frame[frame["path"].str.endswith("broken.png")].iloc[0]
     assert broken["error"] and np.isnan(broken["COVID-19"]) and broken["prediction"] == ""

@@ -13,10 +13,15 @@ _console = Console(stderr=True)
 
 
 def progress_bar() -> Progress:
-    """A Rich progress display: description, bar, done/total, elapsed and remaining time."""
+    """A Rich progress display: description, bar, done/total, elapsed and remaining time.
+
+    Shown on a terminal only: in a pipe or a log file a bar is noise (and its last frame would stand in
+    front of an error message).
+    """
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=_console, transient=False,
+        disable=not _console.is_terminal,
     )
 
 

@@ -1,19 +1,15 @@
 """The ``lungscreen`` command line.
 
-Each command group lives in its own module and registers on :data:`app`. Bad input raises a
-:class:`~lungscreen.errors.LungscreenError`, which :func:`main` prints as one red line (no traceback) with
-exit code 2; ``LUNGSCREEN_DEBUG=1`` shows the traceback.
+Each command group lives in its own module and registers on :data:`app`. :func:`main` runs the app inside
+the one error boundary (:mod:`lungscreen.cli.boundary`): bad input is one red line with exit code 2, an
+interrupt one line with 130 / 143, a bug one line saying so (``LUNGSCREEN_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import typer
 from rich.console import Console
 
-from lungscreen.errors import LungscreenError
 
 app = typer.Typer(
     name="lungscreen",
@@ -27,8 +23,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+_registered = False
+
+
 def _register() -> None:
-    """Attach every command group (imported here so each module stays independent)."""
+    """Attach every command group (imported here so each module stays independent); once per process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from lungscreen.cli import data, demo, models  # noqa: F401
 
     app.add_typer(data.app, name="data")
@@ -47,11 +50,7 @@ def _register() -> None:
 
 def main() -> None:
     """Entry point of the console script."""
+    from lungscreen.cli.boundary import run
+
     _register()
-    try:
-        app()
-    except LungscreenError as error:
-        if os.environ.get("LUNGSCREEN_DEBUG"):
-            raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    run(app)

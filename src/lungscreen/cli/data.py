@@ -11,7 +11,7 @@ from rich.table import Table
 
 from lungscreen.cli.data_download import download_command
 from lungscreen.cli.data_synth import synth_command
-from lungscreen.cli.output import stdout_console
+from lungscreen.cli.output import ensure_folder, stdout_console
 
 app = typer.Typer(help="Build one manifest from public chest-image datasets, find duplicates, synthesize phantoms, download sources.",
                   no_args_is_help=True)
@@ -30,6 +30,7 @@ def build(
     ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test shares (patient clusters are assigned whole)."),
     seed: int = typer.Option(0, help="Seed of the split: the same seed gives the same split."),
     workers: int = typer.Option(2, min=1, help="Processes decoding images."),
+    mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder of --out if it does not exist."),
 ) -> None:
     """Detect the sources in FOLDERS, merge them, split by patient and print the composition table.
 
@@ -39,19 +40,28 @@ def build(
     """
     from lungscreen.data.build import build_manifest
     from lungscreen.data.composition import flat_composition
-    from lungscreen.data.manifest import save_manifest
+    from lungscreen.data.manifest import check_files, load_manifest, save_manifest
     from lungscreen.data.splits import parse_ratios
+    from lungscreen.errors import ConfigError, ManifestError
     from lungscreen.io.files import atomic_path
 
-    result = build_manifest(folders, ratios=parse_ratios(ratios), seed=seed, workers=workers)
+    try:
+        split_ratios = parse_ratios(ratios)
+    except ManifestError as error:
+        raise ConfigError(f"--ratios: {error}") from None
+    ensure_folder(out_path, mkdir)
+    result = build_manifest(folders, ratios=split_ratios, seed=seed, workers=workers)
     for name, root in result.sources:
-        out.print(f"[dim]found[/] {name:<22} {root}")
+        join = result.joins.get((name, root))
+        note = f" [dim]({join.describe()})[/]" if join else ""
+        out.print(f"[dim]found[/] {name:<22} {escape(str(root))}{note}", soft_wrap=True)
     parquet, csv = save_manifest(result.manifest, out_path)
     stem = parquet.with_suffix("")
     with atomic_path(stem.with_suffix(".composition.csv")) as temporary:
         flat_composition(result.manifest).to_csv(temporary, index=False)
     with atomic_path(stem.with_suffix(".skips.csv")) as temporary:
         pd.DataFrame(result.skips.items, columns=["path", "reason"]).to_csv(temporary, index=False)
+    check_files(load_manifest(parquet), parquet)  # the written paths resolve from where the manifest lies
     print_composition(result.manifest)
     groups = result.manifest["dup_group"].replace("", pd.NA).dropna()
     out.print(f"{len(result.manifest)} images, {result.manifest['patient_id'].nunique()} patients, "
@@ -78,14 +88,63 @@ def sources() -> None:
 
 @app.command()
 def validate(manifest: Path = typer.Argument(..., help="Manifest (.parquet or .csv).")) -> None:
-    """Check a manifest's schema and that no patient or near-duplicate sits in two splits."""
-    from lungscreen.data.manifest import load_manifest
+    """Check a manifest's schema, that every image and mask it lists exists, and that no patient or
+    near-duplicate sits in two splits."""
+    from lungscreen.data.manifest import check_files, load_manifest
     from lungscreen.data.splits import check_leakage
 
     frame = load_manifest(manifest)
+    check_files(frame, manifest)
     check_leakage(frame)
     print_composition(frame)
-    out.print(f"[green]ok[/]: {len(frame)} images, {frame['patient_id'].nunique()} patients, no leakage")
+    if (frame["split"] == "").all():
+        warn_no_split(frame, manifest)
+    out.print(f"[green]ok[/]: {len(frame)} images, {frame['patient_id'].nunique()} patients, every file present, "
+              "no leakage")
+
+
+def warn_no_split(frame: pd.DataFrame, manifest: Path) -> None:
+    """One line: the manifest has no split, and the command that makes one."""
+    from lungscreen.data.build import data_folder
+    from lungscreen.data.manifest import manifest_paths
+
+    folder = data_folder(frame["image_path"].tolist()) or "DATA_FOLDER"
+    target = manifest_paths(manifest)[0].with_suffix("")
+    command = f"lungscreen data build {folder} --out {target}-split"
+    out.print(f"[yellow]warning[/]: {escape(str(manifest))} has no train/val/test split (no 'split' column, or all "
+              f"empty); make one with: {escape(command)}", soft_wrap=True)
+
+
+@app.command()
+def relocate(
+    manifest: Path = typer.Argument(..., help="Manifest (.parquet or .csv) whose data folder moved."),
+    old: Path = typer.Option(..., "--from", help="The data folder's old place (a prefix of the manifest's paths)."),
+    new: Path = typer.Option(..., "--to", help="Its new place."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Accept a --to folder that does not exist yet."),
+) -> None:
+    """Rewrite the image and mask paths under OLD to lie under NEW, after the data folder moved.
+
+    Absolute paths starting with OLD and relative ones resolving under it are rewritten; the manifest
+    (.parquet and .csv) is written back atomically, paths stored relative to its folder where they lie under it.
+    """
+    from lungscreen.data.manifest import relocate_manifest
+
+    result = relocate_manifest(manifest, old, new, dry_run=dry_run, allow_missing=allow_missing)
+    verb = "would change" if dry_run else "changed"
+    out.print(f"{verb} {len(result.changed)} path(s) of {escape(str(manifest))}", soft_wrap=True)
+    for before, after in result.changed[:3]:
+        out.print(f"  {escape(before)} -> {escape(after)}", soft_wrap=True)
+    if result.missing:
+        first = ", ".join(path for _, path in result.missing[:3])
+        are = "would be" if dry_run else "are"
+        out.print(f"[yellow]{len(result.missing)} of {result.listed} image/mask files {are} still missing[/], "
+                  f"first: {escape(first)}", soft_wrap=True)
+    else:
+        resolves = "would resolve" if dry_run else "resolves"
+        out.print(f"[green]every path {resolves}[/] ({result.listed} image/mask files)")
+    if result.written is not None:
+        out.print(f"wrote {result.written[0]} and {result.written[1].name}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """`lungscreen demo`: the whole chain on a built-in dataset, minutes on a laptop.
 
-For now the chain is: synthesize phantoms (or take ``--data``), build and validate a manifest, print its
-composition. Later capabilities (segmentation, training, evaluation, audit, serving) extend it here.
+For now the chain is: synthesize phantoms (or take ``--data``), build and validate a manifest (schema,
+every listed file present, no leakage), print its composition. Later capabilities (segmentation, training,
+evaluation, audit, serving) extend it here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def demo(
     """Run the lungscreen chain end to end on built-in synthetic phantoms (or on --data DIR)."""
     from lungscreen.cli.data import print_composition
     from lungscreen.data.build import build_manifest
-    from lungscreen.data.manifest import load_manifest, save_manifest
+    from lungscreen.data.manifest import check_files, load_manifest, save_manifest
     from lungscreen.data.splits import check_leakage
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -35,10 +36,11 @@ def demo(
     result = build_manifest([data], seed=seed)
     parquet, _ = save_manifest(result.manifest, workdir / "manifest")
     frame = load_manifest(parquet)
+    check_files(frame, parquet)
     check_leakage(frame)
     print_composition(frame)
     out.print(f"[green]manifest ok[/]: {len(frame)} images, {frame['patient_id'].nunique()} patients, "
-              f"{len(result.skips)} skipped, no patient or duplicate across splits -> {parquet}")
+              f"{len(result.skips)} skipped, every file present, no patient or duplicate across splits -> {parquet}")
 
 
 def _synthesize(target: Path, n: int, seed: int) -> Path:

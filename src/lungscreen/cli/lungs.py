@@ -94,6 +94,7 @@ def segment(
                                "with a warning)."),
     convention: str = typer.Option("heart-excluded", help=CONVENTION_HELP),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+    mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder --out goes into if it does not exist."),
 ) -> None:
     """Write a lung mask (0/255 PNG, the image's size) and an overlay for every image.
 
@@ -103,6 +104,9 @@ def segment(
     from lungscreen.lungs.overlay import segment_files
     from lungscreen.lungs.step import SegmentLungs
 
+    from lungscreen.cli.output import ensure_folder
+
+    ensure_folder(out_dir, mkdir)
     step = SegmentLungs(method=method, model=str(model) if model else None, convention=convention).resolved()
     _announce(step)
     files = list(iter_image_files(*inputs))
@@ -112,7 +116,8 @@ def segment(
     out.print(f"{len(files) - len(failures)} mask(s) and overlay(s) -> {out_dir}"
               + (f" ([yellow]{len(failures)} failed[/])" if failures else ""))
     if failures and len(failures) == len(files):
-        raise typer.Exit(1)
+        err.print(f"[bold red]error:[/] no image could be segmented ({len(failures)} failed)")
+        raise typer.Exit(2)
 
 
 @app.command()

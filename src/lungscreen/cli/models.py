@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from lungscreen.cli.output import stdout_console
 
 app = typer.Typer(help="The model zoo: every network of the five papers, by name.", no_args_is_help=True)
 out = stdout_console()
+_PAPER_WIDTH = 16  # "002 Polsinelli (SqueezeNet)" -> "002 Polsinelli …": the number names the paper
 
 
 @app.callback()
@@ -22,51 +27,123 @@ def models() -> None:
 @app.command("list")
 def list_command(
     pattern: str = typer.Argument("*", help="Shell-style filter on model names, e.g. 'squeeze*'."),
+    macs: bool = typer.Option(False, "--macs", help="Also count parameters and MACs (builds every model: "
+                              "seconds, not instant)."),
+    wide: bool = typer.Option(False, "--wide", help="Show whole descriptions (wrapped) instead of one line each."),
     num_classes: int = typer.Option(3, min=1, help="Outputs the counts assume."),
     in_channels: int = typer.Option(1, min=1, help="Input channels the counts assume (1 = grayscale)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON with every field, counts included (for scripts)."),
 ) -> None:
-    """List the registered models with parameters and MACs at each paper's input size.
+    """List the registered models: paper, task, input sizes and a one-line description.
 
-    MACs are multiply-accumulates of one forward pass on one image, counted by PyTorch's FlopCounterMode
-    on shapes only (no weights are allocated, so this is quick even for the 117 M-parameter COVID-Net).
+    `--macs` adds parameters and multiply-accumulates of one forward pass on one image at the paper's
+    input size, counted by PyTorch's FlopCounterMode on shapes only. They are counted afresh on request
+    rather than cached, so they always match the code and options in use (`--json` always includes them).
     Use the name with `lungscreen train` configs or `lungscreen.models.create(name)`.
     """
     from lungscreen.errors import ConfigError
-    from lungscreen.models import complexity, list_models, model_info
 
-    names = list_models(pattern)
-    if not names:
+    rows = [row for row in _catalog() if fnmatch.fnmatchcase(row["name"], pattern)]
+    if not rows:
         raise ConfigError(f"no model matches {pattern!r}; run `lungscreen models list` to see them all")
-    rows = []
-    with out.status("counting parameters and MACs", spinner="dots"):
-        for name in names:
-            info = model_info(name)
-            cost = complexity(name, num_classes=num_classes, in_channels=in_channels)
-            rows.append({"name": name, "paper": info.paper, "task": info.task, "parameters": cost.parameters,
-                         "macs": cost.macs, "input_size": info.input_size, "min_input_size": info.min_input_size,
-                         "description": info.description})
+    if macs or as_json:
+        with out.status("counting parameters and MACs", spinner="dots"):
+            for row in rows:
+                row.update(_count(row["name"], num_classes, in_channels))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="lungscreen model zoo",
-                  caption=f"counted with num_classes={num_classes}, in_channels={in_channels}; "
-                          "MACs at the paper's input size, batch 1")
-    for column, justify in [("name", "left"), ("paper", "left"), ("task", "left"), ("parameters", "right"),
-                            ("MACs", "right"), ("paper input", "right"), ("min input", "right"),
-                            ("description", "left")]:
-        table.add_column(column, justify=justify, overflow="fold")
+    out.print(_table(rows, counted=macs, wide=wide, num_classes=num_classes, in_channels=in_channels))
+
+
+def _catalog() -> list[dict[str, Any]]:
+    """Every registered model as plain data, read from a cache when the zoo's source has not changed.
+
+    Building the list needs ``lungscreen.models``, and importing it (torch, torchvision, MONAI) costs
+    seconds; the list itself costs nothing. The cache file is named by a digest of every source file of
+    the zoo and of lungscreen's version, so a new model, option or description writes a new file and a
+    stale list is never read. Without a writable cache folder the list is simply built each time.
+    """
+    import hashlib
+
+    from lungscreen import __version__
+
+    package = Path(__file__).resolve().parents[1] / "models"
+    digest = hashlib.sha256(__version__.encode())
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    cache = _cache_dir() / f"zoo-{digest.hexdigest()[:20]}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    from lungscreen.models import list_models
+
+    rows = [_describe(name) for name in list_models()]
+    try:
+        from lungscreen.io.files import write_atomic
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, lambda tmp: tmp.write_text(json.dumps(rows)))
+    except OSError:
+        pass  # a read-only home: list without a cache
+    return rows
+
+
+def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lungscreen`` (``~/.cache/lungscreen``)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lungscreen"
+
+
+def _describe(name: str) -> dict[str, Any]:
+    """What the registry says of a model, without building it (instant)."""
+    from lungscreen.models import model_info
+
+    info = model_info(name)
+    return {"name": name, "paper": info.paper, "task": info.task, "input_size": info.input_size,
+            "min_input_size": info.min_input_size, "description": info.description}
+
+
+def _count(name: str, num_classes: int, in_channels: int) -> dict[str, int]:
+    """Parameters and MACs at the paper's input size (builds the model on the meta device)."""
+    from lungscreen.models import complexity
+
+    cost = complexity(name, num_classes=num_classes, in_channels=in_channels)
+    return {"parameters": cost.parameters, "macs": cost.macs}
+
+
+def _table(rows: list[dict[str, Any]], *, counted: bool, wide: bool, num_classes: int, in_channels: int) -> Table:
+    """The zoo as a table that fits 100 columns: short fixed columns that never wrap, and the description
+    in the width left, cut to one line with an ellipsis (``wide``: wrapped in full). With the counts the
+    paper column gives way to them (``--json`` and the plain list keep it)."""
+    caption = "px: the paper's input side (the smallest accepted)"
+    if counted:
+        caption += f"; MACs at the paper's side, batch 1, {num_classes} classes, {in_channels} channel(s)"
+    table = Table(title="lungscreen model zoo", caption=caption, box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=(0, 1, 0, 0), pad_edge=False, expand=False)
+    fixed = [("name", "left"), ("task", "left"), ("params", "right"), ("MACs", "right")] if counted else [
+        ("name", "left"), ("paper", "left"), ("task", "left")]
+    for header, justify in [*fixed, ("px", "right")]:
+        table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis",
+                         max_width=_PAPER_WIDTH if header == "paper" else None)
+    table.add_column("description", overflow="fold" if wide else "ellipsis", min_width=20)
     for row in rows:
-        table.add_row(row["name"], row["paper"], row["task"], _human(row["parameters"]), _human(row["macs"]),
-                      f"{row['input_size']} px", f"{row['min_input_size']} px", row["description"])
-    out.print(table)
+        cells = ([row["name"], row["task"], _human(row["parameters"]), _human(row["macs"])] if counted
+                 else [row["name"], row["paper"], row["task"]])
+        cells.append(f"{row['input_size']} ({row['min_input_size']})")
+        description = Text(row["description"], no_wrap=not wide, overflow="fold" if wide else "ellipsis")
+        table.add_row(*cells, description)
+    return table
 
 
 def _human(count: int) -> str:
-    """117394163 -> '117.39 M', 35182080 -> '35.18 M', 2264..e9 -> '2.26 G', 100323 -> '100.32 k'."""
+    """Three significant digits: 117394163 -> '117 M', 1271427 -> '1.27 M', 34659654 -> '34.7 M'
+    (999600 -> '1 M': the unit is chosen after rounding)."""
     for divisor, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if count >= divisor:
-            return f"{count / divisor:,.2f} {unit}"
+        if count >= divisor * 0.9995:
+            return f"{count / divisor:.3g} {unit}"
     return str(count)
 
 

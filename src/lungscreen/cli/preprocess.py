@@ -30,6 +30,7 @@ def preprocess(
                                          "model on this manifest's masks first) or error."),
     modality: str = typer.Option("all", help="Rows to preprocess: CXR, CT or all."),
     workers: int = typer.Option(2, min=1, help="Processes (each runs torch on one thread)."),
+    mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder --out goes into if it does not exist."),
 ) -> None:
     """Preprocess every image of MANIFEST once and write a manifest pointing at the results.
 
@@ -43,6 +44,9 @@ def preprocess(
     from lungscreen.preprocessing import Pipeline, get_pipeline, load_pipeline, preprocess_manifest
     from lungscreen.preprocessing.transforms import Resize
 
+    from lungscreen.cli.output import ensure_folder
+
+    ensure_folder(out_dir, mkdir)
     if if_no_lung_model not in ("classical", "train", "error"):
         raise ConfigError(f"--if-no-lung-model must be classical, train or error, got {if_no_lung_model!r}")
     frame = load_manifest(manifest)

@@ -33,6 +33,7 @@ def train(
     overrides: list[str] = SET,
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run folder (its own config is used)."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe against the zoo and the manifest, then stop."),
+    mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder --out goes into if it does not exist."),
 ) -> None:
     """Train a recipe into a run folder: resolved config, metrics.csv, checkpoints, best.pt, test figures.
 
@@ -46,6 +47,10 @@ def train(
     from lungscreen.training.engine import train as run_training
     from lungscreen.training.prepare import prepare
 
+    if out_dir is not None:
+        from lungscreen.cli.output import ensure_folder
+
+        ensure_folder(out_dir, mkdir)
     if resume is not None:
         result = run_training(None, resume=resume)  # type: ignore[arg-type]
     else:

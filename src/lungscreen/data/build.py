@@ -2,8 +2,10 @@
 
 Steps, each its own function so tests and later issues can reuse them:
 
-1. :func:`collect_rows` - find every known layout under the folders and read it with its adapter;
-   annotation-only sources (v7labs masks) are joined onto the rows of the source they annotate.
+1. :func:`read_sources` (or :func:`collect_rows`) - find every known layout under the folders and read it
+   with its adapter; annotation-only sources (v7labs masks) are joined onto the rows of the source they
+   annotate (:class:`Join` says onto how many). Folders are made absolute first, so every path in the
+   rows is absolute and nothing downstream depends on the working folder.
 2. :func:`inspect_images` - decode every image once (in parallel): unreadable files become reported
    skips, readable ones get their size and a near-duplicate fingerprint.
 3. :func:`lungscreen.data.dedup.find_duplicates` - near-duplicate groups within and across sources.
@@ -12,11 +14,10 @@ Steps, each its own function so tests and later issues can reuse them:
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,26 @@ import numpy as np
 import pandas as pd
 
 from lungscreen.data.dedup import THUMBNAIL, DuplicatePair, detail_image, duplicate_groups, find_duplicates, fingerprint
-from lungscreen.data.manifest import validate
+from lungscreen.data.manifest import absolute_paths, validate
 from lungscreen.data.sources import Skips, detect_sources, get_source
 from lungscreen.data.splits import assign_splits, check_leakage
 from lungscreen.errors import LungscreenError, SourceError
+from lungscreen.interrupts import worker_pool
 from lungscreen.io.images import read_image
 from lungscreen.progress import track
+
+
+@dataclass(frozen=True)
+class Join:
+    """What an annotation source (no images of its own) added to the rows of the source it annotates."""
+
+    target: str  # the annotated source, e.g. "cohen"
+    rows: int  # target rows it was joined onto
+    masks: int  # of those, rows it gave a lung mask
+
+    def describe(self) -> str:
+        """Why the source has no row of its own in the composition table, for the build's found-list."""
+        return f"annotations, not images: joined onto {self.rows} {self.target} rows, {self.masks} with a lung mask"
 
 
 @dataclass
@@ -41,12 +56,31 @@ class BuildResult:
     sources: list[tuple[str, Path]]
     duplicates: list[DuplicatePair] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
+    joins: dict[tuple[str, Path], Join] = field(default_factory=dict)  # annotation (source, root) -> its join
+
+
+@dataclass
+class Collected:
+    """Rows read from the folders, the (source, root) layouts found, and each annotation source's join."""
+
+    frame: pd.DataFrame
+    found: list[tuple[str, Path]]
+    joins: dict[tuple[str, Path], Join]
 
 
 def collect_rows(folders: Sequence[str | Path], skips: Skips) -> tuple[pd.DataFrame, list[tuple[str, Path]]]:
-    """Detect and read every source layout under ``folders``; join annotation sources onto their images."""
+    """Rows and found layouts of :func:`read_sources` (for callers that need no join counts)."""
+    collected = read_sources(folders, skips)
+    return collected.frame, collected.found
+
+
+def read_sources(folders: Sequence[str | Path], skips: Skips) -> Collected:
+    """Detect and read every source layout under ``folders``; join annotation sources onto their images.
+
+    Folders are made absolute first, so every path in the rows is (the manifest's in-memory rule).
+    """
     found: list[tuple[str, Path]] = []
-    for folder in map(Path, folders):
+    for folder in (Path(os.path.abspath(f)) for f in folders):
         if not folder.is_dir():
             raise SourceError(f"{folder}: not a folder")
         found.extend(detect_sources(folder))
@@ -54,40 +88,50 @@ def collect_rows(folders: Sequence[str | Path], skips: Skips) -> tuple[pd.DataFr
         raise SourceError(f"no known dataset layout found in {', '.join(map(str, folders))} "
                           "(see `lungscreen data sources` for the layouts lungscreen reads)")
     rows: list[dict] = []
-    annotations: list[tuple[str, list[dict]]] = []
+    annotations: list[tuple[tuple[str, Path], str, list[dict]]] = []
     for name, root in found:
         adapter = get_source(name)
         read = adapter.read(root, skips)
         target = getattr(adapter, "joins", None)
         if target:
-            annotations.append((target, read))
+            annotations.append(((name, root), target, read))
         else:
             rows.extend(read)
     frame = pd.DataFrame(rows)
     if frame.empty:
         raise SourceError("the folders hold no usable images")
-    for target, annotation_rows in annotations:
-        frame = join_annotations(frame, target, annotation_rows, skips)
-    return frame, found
+    joins: dict[tuple[str, Path], Join] = {}
+    for key, target, annotation_rows in annotations:
+        frame, joins[key] = join_annotations(frame, target, annotation_rows, skips)
+    return Collected(absolute_paths(frame), found, joins)
 
 
-def join_annotations(frame: pd.DataFrame, target: str, annotations: list[dict], skips: Skips) -> pd.DataFrame:
-    """Fill fields (mask_path, ...) of ``target``-source rows from annotation rows matched by file name."""
+def join_annotations(frame: pd.DataFrame, target: str, annotations: list[dict],
+                     skips: Skips) -> tuple[pd.DataFrame, Join]:
+    """Fill fields (mask_path, ...) of ``target``-source rows from annotation rows matched by file name.
+
+    Returns:
+        The filled rows and the :class:`Join` (how many target rows were annotated, how many got a mask).
+    """
     names = frame["image_path"].map(lambda path: Path(path).name)
     lookup = {name: index for index, name in names[frame["source"] == target].items()}
     frame = frame.copy()
+    joined, masked = set(), set()
     for annotation in annotations:
         name = annotation["join_name"]
         if name not in lookup:
             skips.add(annotation.get("mask_path") or name, f"annotation for {name}: image not found in source {target!r}")
             continue
+        joined.add(lookup[name])
+        if annotation.get("mask_path"):
+            masked.add(lookup[name])
         for key, value in annotation.items():
             if key == "join_name" or value in ("", None):
                 continue
             if key not in frame.columns:
                 frame[key] = ""
             frame.at[lookup[name], key] = value
-    return frame
+    return frame, Join(target, len(joined), len(masked))
 
 
 def _inspect(path: str) -> tuple[int, int, int, bytes] | str:
@@ -109,8 +153,9 @@ def inspect_images(frame: pd.DataFrame, skips: Skips, workers: int = 2,
     """
     paths = frame["image_path"].tolist()
     if workers > 1 and len(paths) > 64:
-        # "spawn": a forked child hangs in OpenCV when the parent has started OpenCV's thread pool.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # spawned workers (a forked child hangs in OpenCV when the parent has started OpenCV's thread pool)
+        # that leave Ctrl-C to this process, which cancels the queued work
+        with worker_pool(workers) as pool:
             results = list(track(pool.map(_inspect, paths, chunksize=32), "reading images", len(paths), show_progress))
     else:
         results = list(track(map(_inspect, paths), "reading images", len(paths), show_progress))
@@ -147,8 +192,8 @@ def build_manifest(folders: Sequence[str | Path], *, ratios: Sequence[float] = (
     """The whole build: rows from every source, readable images only, duplicates grouped, split, guarded."""
     skips, seconds = Skips(), {}
     with _timed(seconds, "read sources"):
-        frame, found = collect_rows(folders, skips)
-        frame = validate(frame)
+        collected = read_sources(folders, skips)
+        frame = validate(collected.frame)
     with _timed(seconds, "decode images"):
         frame, hashes, thumbnails = inspect_images(frame, skips, workers=workers, show_progress=show_progress)
     if frame.empty:
@@ -159,7 +204,28 @@ def build_manifest(folders: Sequence[str | Path], *, ratios: Sequence[float] = (
         frame["split"] = assign_splits(frame, ratios=ratios, seed=seed)
         check_leakage(frame)
         frame = validate(frame)
-    return BuildResult(frame, skips, found, pairs, seconds)
+    return BuildResult(frame, skips, collected.found, pairs, seconds, collected.joins)
+
+
+def data_folder(paths: Sequence[str], climb: int = 3) -> Path | None:
+    """The folder to give ``lungscreen data build`` to read these images again, or None when none is known.
+
+    That is their common folder when a known layout lies in it, else the nearest of its ``climb`` parents that
+    is itself a layout's root (the images of one source sit in a subfolder of it, e.g. cohen's ``images/``).
+    """
+    listed = [p for p in paths if p]
+    if not listed:
+        return None
+    common = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in listed]))
+    for depth, folder in enumerate([common, *list(common.parents)[:climb]]):
+        if folder.parent == folder:
+            return None  # never scan a whole file system
+        try:
+            if folder.is_dir() and detect_sources(folder, max_depth=2 if depth == 0 else 0):
+                return folder
+        except OSError:
+            return None
+    return None
 
 
 @contextmanager

@@ -8,6 +8,22 @@ Boxes are stored as JSON text ``[[x0, y0, x1, y1, "label"], ...]`` in the pixel 
 ``box_frame_width`` x ``box_frame_height`` (for NIH that is 1024 x 1024 even when the file on disk was
 downscaled); :func:`boxes_for_size` scales them to the size of the image actually read.
 
+Paths (``image_path``, ``mask_path`` and any other column named ``*_path``) follow one rule, written and
+read the same way:
+
+* **On disk** a path is stored *relative to the manifest file's folder* when the file lies under that
+  folder, and absolute otherwise. A data folder moved or copied together with its manifest keeps working,
+  and a manifest beside data it does not contain still names that data unambiguously (a ``../`` path
+  would break as soon as the manifest alone moved). :func:`save_manifest` converts whatever it is given:
+  absolute paths, or relative ones, which are the caller's and so relative to the current working folder.
+* **In memory** paths are absolute: :func:`load_manifest` joins stored relative paths to the manifest's
+  folder, and ``data build`` makes its adapters' paths absolute at once, so nothing downstream depends
+  on the working folder. Paths are made absolute lexically (``..`` collapsed, symlinks kept), so a path
+  reached through a symlinked folder inside the manifest's folder stays relative to it.
+
+:func:`missing_files` and :func:`check_files` say which listed files do not exist (a manifest whose data
+moved); :func:`relocate_manifest` rewrites the prefix of its paths after such a move.
+
 Example:
     >>> frame = validate(pd.DataFrame([new_row("a.png", "normal", "p1", "demo")]))
     >>> list(frame.columns[:4])
@@ -17,7 +33,9 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +62,8 @@ COLUMNS: dict[str, str] = {
     "split": "train, val, test, or empty before splitting",
 }
 REQUIRED = ("image_path", "label", "patient_id", "source")
+#: Columns whose files must exist for a manifest to be usable (empty mask paths excepted).
+FILE_COLUMNS = ("image_path", "mask_path")
 VIEWS = ("PA", "AP", "AP Supine", "Lateral", "Axial", "Coronal", "unknown")
 MODALITIES = ("CXR", "CT")
 SPLITS = ("train", "val", "test", "")
@@ -109,7 +129,8 @@ def validate(frame: pd.DataFrame, *, base: Path | None = None) -> pd.DataFrame:
 
     Args:
         frame: the table to check.
-        base: folder that relative image and mask paths are relative to (the manifest's folder).
+        base: folder that relative paths (every ``*_path`` column) are relative to (the manifest's folder,
+            or the working folder for a caller's frame); they come back absolute. None leaves paths as they are.
 
     Raises:
         ManifestError: missing required columns, empty or NaN required values, unknown labels, views,
@@ -137,8 +158,7 @@ def validate(frame: pd.DataFrame, *, base: Path | None = None) -> pd.DataFrame:
     _check_values(frame, "modality", MODALITIES)
     _check_values(frame, "split", SPLITS)
     if base is not None:
-        frame["image_path"] = [_resolve(base, p) for p in frame["image_path"]]
-        frame["mask_path"] = [_resolve(base, p) if p else "" for p in frame["mask_path"]]
+        frame = absolute_paths(frame, base)
     duplicated = frame["image_path"].duplicated(keep=False)
     if duplicated.any():
         example = frame.loc[duplicated, "image_path"].iloc[0]
@@ -161,9 +181,41 @@ def _first(mask: pd.Series) -> int:
     return int(mask.to_numpy().nonzero()[0][0])
 
 
-def _resolve(base: Path, path: str) -> str:
-    candidate = Path(path)
-    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+def path_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns holding file paths: ``image_path``, ``mask_path`` and every other ``*_path`` column."""
+    return [str(c) for c in frame.columns if str(c).endswith("_path")]
+
+
+def absolute_paths(frame: pd.DataFrame, base: str | Path | None = None) -> pd.DataFrame:
+    """The frame with every path absolute: relative ones joined to ``base`` (default: the working folder)."""
+    root = os.path.abspath(base if base is not None else os.curdir)
+    frame = frame.copy()
+    for column in path_columns(frame):
+        frame[column] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in _texts(frame[column])]
+    return frame
+
+
+def stored_paths(frame: pd.DataFrame, folder: str | Path) -> pd.DataFrame:
+    """The frame with paths as a manifest in ``folder`` stores them: relative to it when under it, else absolute."""
+    root = Path(os.path.abspath(folder))
+    frame = absolute_paths(frame)
+    for column in path_columns(frame):
+        frame[column] = [_stored(root, p) for p in frame[column]]
+    return frame
+
+
+def _stored(root: Path, path: str) -> str:
+    if not path:
+        return ""
+    try:
+        relative = Path(path).relative_to(root)
+    except ValueError:
+        return path
+    return relative.as_posix() if relative.parts else path
+
+
+def _texts(column: pd.Series) -> list[str]:
+    return ["" if pd.isna(value) else str(value) for value in column]
 
 
 def manifest_paths(target: str | Path) -> tuple[Path, Path]:
@@ -174,9 +226,13 @@ def manifest_paths(target: str | Path) -> tuple[Path, Path]:
 
 
 def save_manifest(frame: pd.DataFrame, target: str | Path) -> tuple[Path, Path]:
-    """Validate and write ``target``.parquet and ``target``.csv, each atomically."""
-    frame = validate(frame)
+    """Validate and write ``target``.parquet and ``target``.csv, each atomically.
+
+    Paths are written by the module's rule (relative to ``target``'s folder when under it, else
+    absolute); relative paths in ``frame`` are taken as relative to the current working folder.
+    """
     parquet, csv = manifest_paths(target)
+    frame = stored_paths(validate(frame, base=Path.cwd()), parquet.parent)
     with atomic_path(parquet) as temporary:
         frame.to_parquet(temporary, index=False)
     with atomic_path(csv) as temporary:
@@ -196,13 +252,101 @@ def load_manifest(source: str | Path) -> pd.DataFrame:
             raise ManifestError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     elif parquet.exists():
         path = parquet
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is both: a text file named .parquet
+            raise ManifestError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
     else:
         raise ManifestError(f"no manifest at {source} (looked for {parquet.name} and {csv.name})")
     try:
         return validate(frame, base=path.parent)
     except ManifestError as error:
         raise ManifestError(f"{path}: {error}") from None
+
+
+def missing_files(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, path) of every listed image or mask (non-empty mask paths) that is not an existing file.
+
+    Paths are checked as they are: give a loaded manifest (absolute paths), not a stored one.
+    """
+    return [(column, path) for column in FILE_COLUMNS if column in frame.columns
+            for path in _texts(frame[column]) if path and not os.path.isfile(path)]
+
+
+def listed_files(frame: pd.DataFrame) -> int:
+    """How many image and (non-empty) mask paths the frame lists: the whole that :func:`missing_files` checks."""
+    return sum(sum(1 for path in _texts(frame[column]) if path) for column in FILE_COLUMNS if column in frame.columns)
+
+
+def check_files(frame: pd.DataFrame, manifest: str | Path) -> None:
+    """Refuse a manifest (named ``manifest`` in the message) whose images or masks do not all exist.
+
+    Raises:
+        ManifestError: how many of how many files are missing, the first few, and how to fix a moved folder.
+    """
+    missing = missing_files(frame)
+    if missing:
+        first = ", ".join(path for _, path in missing[:3])
+        raise ManifestError(
+            f"{manifest}: {len(missing)} of {listed_files(frame)} image/mask files it lists are missing, "
+            f"first: {first} (if the data folder moved: lungscreen data relocate {manifest} --from OLD --to NEW)")
+
+
+@dataclass
+class Relocation:
+    """What :func:`relocate_manifest` did (or would do, on a dry run)."""
+
+    frame: pd.DataFrame
+    changed: list[tuple[str, str]]  # (before, after) of every rewritten path
+    listed: int  # image and mask paths in the manifest
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (column, path) still missing afterwards
+    written: tuple[Path, Path] | None = None  # (parquet, csv), None on a dry run
+
+
+def relocate_paths(frame: pd.DataFrame, old: str | Path, new: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The frame with prefix folder ``old`` of its (absolute) paths replaced by ``new``, and the (before, after) pairs.
+
+    ``old`` and ``new`` are made absolute against the working folder, as the user typed them there.
+    """
+    old_root, new_root = Path(os.path.abspath(old)), Path(os.path.abspath(new))
+    frame, changed = frame.copy(), []
+    for column in path_columns(frame):
+        paths = _texts(frame[column])
+        moved = [_moved(path, old_root, new_root) for path in paths]
+        changed += [(before, after) for before, after in zip(paths, moved) if before != after]
+        frame[column] = moved
+    return frame, changed
+
+
+def _moved(path: str, old: Path, new: Path) -> str:
+    if not path:
+        return path
+    try:
+        return str(new / Path(path).relative_to(old))
+    except ValueError:
+        return path
+
+
+def relocate_manifest(manifest: str | Path, old: str | Path, new: str | Path, *, dry_run: bool = False,
+                      allow_missing: bool = False) -> Relocation:
+    """Point a manifest at its data folder's new place (``old`` -> ``new``) and write it back atomically.
+
+    Raises:
+        ManifestError: no path lies under ``old``, or ``new`` does not exist (unless ``allow_missing``).
+    """
+    frame = load_manifest(manifest)
+    relocated, changed = relocate_paths(frame, old, new)
+    if not changed:
+        example = frame["image_path"].iloc[0] if len(frame) else "none"
+        raise ManifestError(f"{manifest}: no image or mask path lies under {os.path.abspath(old)} "
+                            f"(--from must be the old data folder; its first image is {example})")
+    if not allow_missing and not os.path.isdir(new):
+        raise ManifestError(f"{manifest}: --to {os.path.abspath(new)} is not an existing folder "
+                            "(move the data there first, or pass --allow-missing)")
+    result = Relocation(relocated, changed, listed_files(relocated), missing_files(relocated))
+    if not dry_run:
+        result.written = save_manifest(relocated, manifest)
+    return result
 
 
 def for_task(frame: pd.DataFrame, task: str | Task, *, modality: str = "CXR",

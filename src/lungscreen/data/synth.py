@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from lungscreen.data.labels import BACTERIAL, COVID, NORMAL, PNEUMONIA, VIRAL
 from lungscreen.data.phantoms import MARKER_CORNER, MARKER_TEXT, PHANTOM_LABELS, Box, Shortcut, render_phantom
 from lungscreen.errors import ConfigError
+from lungscreen.interrupts import worker_pool
 from lungscreen.io.files import atomic_path
 
 MANIFEST_NAME = "synth.json"
@@ -393,12 +393,10 @@ def _render_all(root: Path, items: list[_Item], size: int, seed: int, shortcut: 
             if progress:
                 progress(len(chunk))
         return boxes
-    # "spawn", not fork: a child forked after OpenCV started its thread pool (cv2.connectedComponents does)
+    # Spawned, not forked: a child forked after OpenCV started its thread pool (cv2.connectedComponents does)
     # hangs in its first OpenCV call. Spawned children import the caller's main module, hence the hint below.
-    context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        with worker_pool(workers, cv2.setNumThreads, (1,)) as pool:
             futures = {pool.submit(_render_chunk, str(root), chunk, size, seed, shortcut): len(chunk) for chunk in chunks}
             for future in as_completed(futures):
                 boxes.update(future.result())

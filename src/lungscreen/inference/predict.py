@@ -6,10 +6,15 @@ path (:mod:`lungscreen.preprocessing.model_input`) exactly as the training image
 cannot be read or preprocessed gets a row with empty probabilities and the reason in ``error``; the batch
 goes on. A multi-frame DICOM gives one row per frame.
 
+A model is not silently used outside what it learned: a DICOM whose modality is not the model's is
+refused (``force`` scores it, flagged), and every image's intensity histogram is compared with the
+training inputs' (the spec's reference): ``ood`` marks an image farther from it than 99 % of the training
+images were, ``ood_score`` is that distance over the threshold.
+
 Example:
     >>> frame = predict_paths("runs/covid-resnet-cpu", ["new_images/"])       # doctest: +SKIP
     >>> list(frame.columns)                                                     # doctest: +SKIP
-    ['path', 'frame', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'error']
+    ['path', 'frame', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'ood', 'ood_score', 'error']
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from lungscreen.io.files import iter_image_files
 from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
 from lungscreen.models import Checkpoint, load_checkpoint, resolve_checkpoint
 from lungscreen.preprocessing import Sample
-from lungscreen.preprocessing.model_input import prepare, spec_pipeline, to_tensor
+from lungscreen.preprocessing.model_input import prepare, reference_distance, spec_pipeline, to_tensor
+
+#: DICOM Modality values -> the modality a model is trained on.
+DICOM_MODALITIES = {"CR": "CXR", "DX": "CXR", "DR": "CXR", "RG": "CXR", "CT": "CT"}
 
 
 class Predictor:
@@ -35,13 +43,17 @@ class Predictor:
 
     Args:
         run: a run folder (its ``best.pt``) or a checkpoint file.
+        modality: what the inputs are (``CXR`` or ``CT``) when the caller knows; None trusts DICOM tags and
+            otherwise assumes the model's own.
+        force: score inputs of another modality anyway (their rows say so) instead of refusing them.
 
     Raises:
         ConfigError / WeightsError: no checkpoint, an unsafe or version-1 file, a spec that contradicts its
-            model, or a model whose output is not one classification head.
+            model, a model whose output is not one classification head, or inputs declared of another
+            modality than the model's (without ``force``).
     """
 
-    def __init__(self, run: str | Path) -> None:
+    def __init__(self, run: str | Path, *, modality: str | None = None, force: bool = False) -> None:
         self.checkpoint: Checkpoint = load_checkpoint(resolve_checkpoint(run))
         self.spec = self.checkpoint.spec
         head = self.spec.head() if len(self.spec.heads) == 1 else None
@@ -52,6 +64,29 @@ class Predictor:
         self.class_names = list(head.classes)
         self.pipeline = spec_pipeline(self.spec.input)
         self.model = self.checkpoint.model.eval()
+        self.force = force
+        if modality is not None and modality != self.spec.modality and not force:
+            raise ConfigError(f"--modality: the inputs are {modality} but {self.checkpoint.path} was trained on "
+                              f"{self.spec.modality} images; its answers would mean nothing (--force to score anyway)")
+
+    def check_modality(self, image: ChestImage) -> str:
+        """'' when the image may be scored; otherwise why not (or, with ``force``, a note for the row)."""
+        tag = image.meta.modality
+        modality = DICOM_MODALITIES.get(str(tag).upper()) if tag else None
+        if modality is None or modality == self.spec.modality:
+            return ""
+        reason = f"DICOM modality {tag} ({modality}) but the model was trained on {self.spec.modality}"
+        if not self.force:
+            raise LungscreenError(f"{reason}; refused (--force to score anyway)")
+        return reason + " (scored with --force)"
+
+    def distance(self, sample: Sample) -> float:
+        """How far the prepared input lies from the training inputs, in units of the 99 % threshold (NaN when
+        the checkpoint records no reference)."""
+        reference = self.spec.reference
+        if reference is None:
+            return float("nan")
+        return reference_distance(sample.image, reference) / reference.threshold
 
     def prepare(self, image: np.ndarray | Sample) -> Sample:
         """A decoded image as the model's 8-bit input, with the geometry of what it shows."""
@@ -88,16 +123,17 @@ def decoded_images(path: Path) -> Iterator[tuple[int | None, ChestImage]]:
     yield None, read_image(path)
 
 
-def predict_paths(run: str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32,
+def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, batch_size: int = 32,
                   progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Predict every image file named in ``inputs`` or found (recursively) under folders in it.
 
     Returns:
         One row per image (per frame for multi-frame DICOM): ``path``, ``frame``, a probability column
-        per class (named by the class), ``prediction`` and ``error`` (empty, or why the image could not
-        be used).
+        per class (named by the class), ``prediction``, ``ood`` and ``ood_score`` (see the module
+        docstring), ``note`` (e.g. scored despite another modality) and ``error`` (empty, or why the image
+        could not be used).
     """
-    predictor = Predictor(run)
+    predictor = run if isinstance(run, Predictor) else Predictor(run)
     rows: list[dict[str, Any]] = []
     pending: list[tuple[int, Sample]] = []
 
@@ -112,16 +148,22 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], *, batch_size: 
 
     def blank(path: Path, frame: int | None) -> dict[str, Any]:
         return {"path": str(path), "frame": "" if frame is None else frame,
-                **{name: np.nan for name in predictor.class_names}, "prediction": "", "error": ""}
+                **{name: np.nan for name in predictor.class_names}, "prediction": "", "ood": False,
+                "ood_score": np.nan, "note": "", "error": ""}
 
     for done, path in enumerate(iter_image_files(*inputs), start=1):
         try:
             for frame, image in decoded_images(path):
                 rows.append(blank(path, frame))
                 try:
-                    pending.append((len(rows) - 1, predictor.prepare(image.pixels)))
+                    rows[-1]["note"] = predictor.check_modality(image)
+                    sample = predictor.prepare(image.pixels)
                 except LungscreenError as error:
                     rows[-1]["error"] = str(error)
+                    continue
+                score = predictor.distance(sample)
+                rows[-1].update(ood=bool(score > 1.0), ood_score=round(score, 3))
+                pending.append((len(rows) - 1, sample))
         except LungscreenError as error:
             rows.append(blank(path, None))
             rows[-1]["error"] = getattr(error, "reason", None) or str(error)
@@ -130,5 +172,5 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], *, batch_size: 
         if progress is not None:
             progress(done)
     flush()
-    columns = ["path", "frame", *predictor.class_names, "prediction", "error"]
+    columns = ["path", "frame", *predictor.class_names, "prediction", "ood", "ood_score", "note", "error"]
     return pd.DataFrame(rows, columns=columns)

@@ -7,7 +7,8 @@ nothing else (no consumer keeps a default of its own). It holds:
   scaling, the resolved preprocessing pipeline with the lung model's hash);
 * ``heads``: per output head its kind, class names and activation (softmax for one-of-k classes,
   sigmoid for labels and masks);
-* ``modality`` and ``views``: what the model was trained on, so it is not silently used on other images;
+* ``modality``, ``views`` and ``reference`` (the training inputs' intensity histogram): what the model
+  was trained on, so it is not silently used on other images;
 * ``operating_point``: the threshold chosen on validation, once evaluation sets one.
 
 Example:
@@ -129,6 +130,26 @@ class OperatingPoint(BaseModel):
     figures: dict[str, float] = Field(default_factory=dict)
 
 
+class IntensityReference(BaseModel):
+    """What the training inputs looked like: their mean intensity histogram at the model's input, and how
+    far from it the training images themselves lie. An input much farther away (a CT slice fed to a chest
+    X-ray model, a photograph, a blank film) is flagged as out of distribution, not silently scored.
+
+    Attributes:
+        histogram: mean normalised histogram of the training inputs (equal-width bins over 0..255).
+        threshold: the ``quantile`` of the training images' Jensen-Shannon distance to ``histogram``.
+        quantile: which quantile the threshold is (0.99: one training image in a hundred lies beyond it).
+        images: how many training images it summarises.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    histogram: list[float] = Field(min_length=2)
+    threshold: float = Field(gt=0)
+    quantile: float = Field(default=0.99, gt=0, lt=1)
+    images: int = Field(ge=1)
+
+
 class InferenceSpec(BaseModel):
     """What a checkpoint's model eats and emits (see the module docstring)."""
 
@@ -140,6 +161,7 @@ class InferenceSpec(BaseModel):
     modality: Literal["CXR", "CT"] = "CXR"
     views: list[str] | None = None
     operating_point: OperatingPoint | None = None
+    reference: IntensityReference | None = None
 
     @model_validator(mode="after")
     def _heads_are_unique(self) -> InferenceSpec:
@@ -220,4 +242,4 @@ class InferenceSpec(BaseModel):
             raise ConfigError(f"{where} {location}: {first['msg']}") from None
 
 
-__all__ = ["ACTIVATIONS", "Head", "InferenceSpec", "InputSpec", "OperatingPoint"]
+__all__ = ["ACTIVATIONS", "Head", "InferenceSpec", "InputSpec", "IntensityReference", "OperatingPoint"]

@@ -213,6 +213,9 @@ def create(
         model = _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     except ValueError as error:  # factories validate their options with ValueError, as torchvision does
         raise ConfigError(f"model {name!r}: {error}") from error
+    except TypeError as error:  # an option of the wrong type (text where a number belongs) fails deeper down
+        shown = ", ".join(f"{key}={value!r}" for key, value in kwargs.items()) or "none"
+        raise ConfigError(f"model {name!r}: an option has the wrong type (options: {shown}): {error}") from error
     _check_contract(name, info.task, model)
     model.lungscreen_spec = ModelSpec(name, num_classes, in_channels, dict(kwargs))
 

@@ -20,6 +20,7 @@ import json
 import pickle
 import pickletools
 import urllib.error
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +59,9 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol precedes our own verdict
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if _holds_code(path, error):
             raise UnsafeWeightsError(
@@ -66,8 +69,10 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
                 "when loaded; lungscreen only reads plain weights (tensors, numbers, strings, lists, dicts)"
             ) from error
         raise WeightsError(f"{path}: not a readable PyTorch weights file (not a pickle or zip archive)") from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({error})") from error
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            zipfile.BadZipFile) as error:  # what torch's unpickler raises on arbitrary bytes
+        reason = f"{type(error).__name__}: {error}" if isinstance(error, (KeyError, IndexError)) else str(error)
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({reason})") from error
 
     meta = None
     if isinstance(content, Mapping) and content.get("format") == CHECKPOINT_FORMAT:

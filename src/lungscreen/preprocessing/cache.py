@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import pandas as pd
 
 from lungscreen.data.manifest import boxes_for_size, decode_boxes, encode_boxes, save_manifest
 from lungscreen.errors import ImageReadError, LungscreenError
+from lungscreen.interrupts import worker_pool
 from lungscreen.io.files import atomic_path, write_png
 from lungscreen.io.images import read_image, read_mask_layers
 from lungscreen.preprocessing.geometry import Geometry
@@ -343,10 +343,7 @@ def _run(cache: PreprocessCache, pending: list, workers: int):
             yield index, cache.compute(item, image_path, mask_path, row)
         return
     chunks = [pending[i:i + CHUNK] for i in range(0, len(pending), CHUNK)]
-    # spawn, not fork: a forked copy of a process that already started torch threads can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(cache.folder.parent), cache.pipeline, 1)) as pool:
+    with worker_pool(workers, _init_worker, (str(cache.folder.parent), cache.pipeline, 1)) as pool:
         for future in as_completed([pool.submit(_work, chunk) for chunk in chunks]):
             yield from future.result()
 

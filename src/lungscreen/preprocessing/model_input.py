@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lungscreen.models.inference_spec import InputSpec
+from lungscreen.models.inference_spec import InputSpec, IntensityReference
 from lungscreen.preprocessing.pipelines import Pipeline, load_pipeline
 from lungscreen.preprocessing.transforms import Sample, resize, to_uint8
 
@@ -91,4 +91,33 @@ def to_tensor(pixels: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
     return normalize(torch.stack([scale(p) for p in pixels]), spec)
 
 
-__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "spec_pipeline", "to_tensor"]
+#: Bins of the intensity histogram that describes a model's training inputs.
+HISTOGRAM_BINS = 32
+
+
+def intensity_histogram(pixels: np.ndarray, bins: int = HISTOGRAM_BINS) -> np.ndarray:
+    """Normalised histogram of a prepared 8-bit input over ``bins`` equal-width bins of 0..255."""
+    counts = np.bincount((np.asarray(pixels, np.uint8).ravel().astype(np.int64) * bins) // 256, minlength=bins)
+    return counts / max(1, counts.sum())
+
+
+def reference_distance(pixels: np.ndarray, reference: IntensityReference) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) of an input's histogram to the training inputs' mean."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(intensity_histogram(pixels, len(reference.histogram)), reference.histogram, base=2))
+
+
+def intensity_reference(pictures: Sequence[np.ndarray], quantile: float = 0.99) -> IntensityReference:
+    """Summarise training inputs: their mean histogram and the ``quantile`` of their own distances to it."""
+    from scipy.spatial.distance import jensenshannon
+
+    histograms = np.stack([intensity_histogram(p) for p in pictures])
+    mean = histograms.mean(axis=0)
+    distances = [jensenshannon(h, mean, base=2) for h in histograms]
+    threshold = max(float(np.quantile(distances, quantile)), 1e-6)
+    return IntensityReference(histogram=[float(v) for v in mean], threshold=threshold, quantile=quantile,
+                              images=len(pictures))
+
+
+__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "spec_pipeline", "to_tensor", "intensity_reference", "reference_distance"]

@@ -1,13 +1,20 @@
-"""The Lightning callbacks of a run: per-epoch metrics rows, best.pt, and stopping on request (pruning).
+"""The Lightning callbacks of a run: per-epoch metrics rows, best.pt, stopping on request (pruning), and the
+progress bar (counting epochs as the log does, drawn on the terminal only).
 
-Lightning is imported only inside :func:`make_callbacks`, so importing this module (and the CLI) stays fast.
+Lightning is imported only inside :func:`make_callbacks` and :func:`progress_bars`, so importing this module
+(and the CLI) stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from lungscreen import interrupts
 
 if TYPE_CHECKING:
     from lungscreen.training.engine import RunContext
@@ -83,4 +90,66 @@ def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module 
             if self.run.stop_requested:
                 trainer.should_stop = True
 
-    return EpochRecorder, BestCheckpoint, StopOnRequest
+    class StopOnSignal(L.Callback):
+        """Stops the run between batches when Ctrl-C or SIGTERM arrived (see :mod:`lungscreen.interrupts`)."""
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            interrupts.check()
+
+        def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+            interrupts.check()
+
+    return EpochRecorder, BestCheckpoint, StopOnRequest, StopOnSignal
+
+
+def show_progress(quiet: bool) -> bool:
+    """Whether a run draws progress bars: not asked to be quiet, and stderr (where bars draw) is a terminal."""
+    return not quiet and sys.stderr.isatty()
+
+
+def progress_bars(stage_name: str, epochs: int, quiet: bool) -> list[Any]:
+    """The stage's progress bar as a Lightning callback (none when :func:`show_progress` says no, for
+    Lightning refuses a bar callback when ``enable_progress_bar`` is off)."""
+    if not show_progress(quiet):
+        return []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class EpochProgressBar(TQDMProgressBar):
+        """Lightning's tqdm bar, counting epochs from 1 as log.txt does (``[all] epoch 2/3``), and drawn on the
+        terminal past the run log, so its redraws never reach log.txt."""
+
+        def __init__(self, stage_name: str, epochs: int) -> None:
+            super().__init__()
+            self.stage_name, self.epochs = stage_name, epochs
+
+        def init_sanity_tqdm(self):  # noqa: ANN202 - Lightning's Tqdm
+            with _drawing_on_terminal():
+                return super().init_sanity_tqdm()
+
+        def init_train_tqdm(self):  # noqa: ANN202
+            with _drawing_on_terminal():
+                return super().init_train_tqdm()
+
+        def init_validation_tqdm(self):  # noqa: ANN202
+            with _drawing_on_terminal():
+                return super().init_validation_tqdm()
+
+        def on_train_epoch_start(self, trainer, *args: Any) -> None:  # noqa: ANN001
+            super().on_train_epoch_start(trainer, *args)
+            epoch = trainer.current_epoch + 1
+            self.train_progress_bar.set_description(f"[{self.stage_name}] epoch {epoch}/{self.epochs}")
+
+    return [EpochProgressBar(stage_name, epochs)]
+
+
+@contextlib.contextmanager
+def _drawing_on_terminal() -> Iterator[None]:
+    """Lightning makes its bars on ``sys.stdout``: point that at the terminal while a bar is made (the bar
+    keeps the stream it was made with)."""
+    from lungscreen.training.run_folder import terminal_stream
+
+    stdout, sys.stdout = sys.stdout, terminal_stream()
+    try:
+        yield
+    finally:
+        sys.stdout = stdout

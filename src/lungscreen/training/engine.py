@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,9 +44,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from lungscreen import interrupts
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import write_atomic
-from lungscreen.models.inference_spec import Head, InferenceSpec, InputSpec
+from lungscreen.models.inference_spec import Head, InferenceSpec, InputSpec, IntensityReference
+from lungscreen.preprocessing.model_input import intensity_reference
 from lungscreen.training.callbacks import is_finite, make_callbacks
 from lungscreen.training.config import StageConfig, TrainConfig, from_dict, to_raw
 from lungscreen.training.prepare import (
@@ -64,7 +66,15 @@ from lungscreen.training.prepare import (
     swap_head,
     task_name,
 )
-from lungscreen.training.run_folder import default_run_dir, quiet_lightning, read_json, run_log, say, write_json
+from lungscreen.training.run_folder import (
+    default_run_dir,
+    quiet_lightning,
+    read_json,
+    run_log,
+    say,
+    terminal_stream,
+    write_json,
+)
 from lungscreen.training.tracking import MlflowTracker
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,6 +109,8 @@ class RunContext:
         best_path = run_dir / "best.json"
         self.best: dict[str, Any] | None = read_json(best_path) if best_path.exists() else None
         self.classes = head_classes(prepared.stages[-1].task)  # what best.pt predicts
+        self.stores: dict[tuple[str, ...], Any] = {}  # the image stores of every (manifest, split, task)
+        self._references: dict[tuple[int, int], IntensityReference] = {}
         self.train_patients = sorted({str(p) for plan in prepared.stages
                                       for p in plan.frames[plan.data.train_split]["patient_id"]})
 
@@ -131,8 +143,19 @@ class RunContext:
 
     def spec(self, stage_index: int) -> InferenceSpec:
         """The inference spec of the model as stage ``stage_index`` trains it."""
-        return inference_spec(self.config.stages[stage_index], self.prepared.stages[stage_index],
-                              self.prepared, self.config.model.in_channels)
+        stage, plan = self.config.stages[stage_index], self.prepared.stages[stage_index]
+        return inference_spec(stage, plan, self.prepared, self.config.model.in_channels,
+                              self.reference(stage_index))
+
+    def reference(self, stage_index: int) -> IntensityReference:
+        """The intensity histogram of the stage's training inputs (for predict's out-of-distribution flag)."""
+        stage, plan = self.config.stages[stage_index], self.prepared.stages[stage_index]
+        key = (stage_index, stage.image_size)
+        if key not in self._references:
+            store = _store_for(self, plan, plan.data.train_split)
+            self._references[key] = intensity_reference([store.sample(i, stage.image_size).image
+                                                         for i in range(len(store))])
+        return self._references[key]
 
     def save_best(self, module, *, value: float, tie: float, epoch: int, stage_index: int) -> None:  # noqa: ANN001
         from lungscreen.models import save_checkpoint
@@ -149,7 +172,8 @@ class RunContext:
         write_json(self.dir / "best.json", self.best)
 
 
-def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_channels: int) -> InferenceSpec:
+def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_channels: int,
+                   reference: IntensityReference | None = None) -> InferenceSpec:
     """What a model trained by ``stage`` eats and emits: written into every checkpoint of the run."""
     task = plan.task
     if isinstance(task, dict):
@@ -159,7 +183,7 @@ def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_c
     views = stage_views(plan.data)
     return InferenceSpec(input=InputSpec(size=stage.image_size, channels=in_channels, pipeline=prepared.pipeline.to_dict()),
                          heads=heads, task=task_name(task), modality=plan.data.modality,
-                         views=list(views) if views else None)
+                         views=list(views) if views else None, reference=reference)
 
 
 def train(config: TrainConfig, *, out: str | Path | None = None, resume: str | Path | None = None,
@@ -194,7 +218,12 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: str | P
             write_atomic(run_dir / "config.yaml",
                          lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8"))
     with run_log(run_dir / "log.txt" if env.is_zero else None), quiet_lightning():
-        return _run(config, prepared, run_dir, env, listeners, extra_callbacks, quiet, resumed=resume is not None)
+        try:
+            return _run(config, prepared, run_dir, env, listeners, extra_callbacks, quiet, resumed=resume is not None)
+        except interrupts.Interrupted as stop:
+            stop.hint = stop.hint or f"resume with lungscreen train --resume {run_dir}"
+            say(stop.message())  # into log.txt too
+            raise
 
 
 def _set_threads(config: TrainConfig, env: DistEnv) -> None:
@@ -214,7 +243,6 @@ def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, l
         + ("  (resumed)" if resumed else ""))
     if config.tracking.mlflow and env.is_zero:
         context.tracker = MlflowTracker(config, run_dir)
-    stores: dict[tuple[str, ...], Any] = {}
     model = prepared.model
     current = _initial_classes(config, prepared)
     offset = 0
@@ -236,12 +264,12 @@ def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, l
             model = swap_head(model, config.model, plan.task, current=current, reset=stage.reset_head,
                               seed=config.seed + index)
         current = head_classes(plan.task)
-        report = _run_stage(context, index, stage_dir, model, plan, stores, offset, extra_callbacks, quiet)
+        report = _run_stage(context, index, stage_dir, model, plan, offset, extra_callbacks, quiet)
         stage_reports.append(report)
         offset += stage.epochs
         if context.stop_requested:
             break
-    summary = _finish(context, stage_reports, stores, started)
+    summary = _finish(context, stage_reports, started)
     return RunResult(run_dir, context.best, summary.get("test"), summary, context.history(), context.stop_requested)
 
 
@@ -274,19 +302,22 @@ def _from_checkpoint(config: TrainConfig, path: str, task: TaskSpec, key: str): 
                          reset_head=reset, **spec.options)
 
 
-def _store_for(context: RunContext, plan: StagePlan, stores: dict, split: str):  # noqa: ANN202
+def _store_for(context: RunContext, plan: StagePlan, split: str):  # noqa: ANN202
     """The image store of one split of a stage's data (shared by the stages that use the same rows)."""
+    from rich.console import Console
     from rich.progress import Progress
 
     from lungscreen.training.data import ImageStore
 
     frame = plan.frames[split]
     key = (str(plan.data.manifest), split, task_name(plan.task), len(frame))
+    stores = context.stores
     if key not in stores:
         prepared = context.prepared
         store = ImageStore(frame, prepared.pipeline, prepared.sizes, cache_dir=plan.data.cache_dir,
                            already_applied=prepared.already_applied, with_masks=needs_masks(plan.task))
-        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        terminal = Console(file=terminal_stream())  # drawn on the terminal, never into log.txt
+        with Progress(console=terminal, transient=True, disable=not terminal.is_terminal) as progress:
             job = progress.add_task(f"loading {split} images", total=len(store))
             store.load_all(lambda i: progress.advance(job))
         if store.failures:
@@ -315,7 +346,7 @@ def needs_masks(task: TaskSpec) -> bool:
     return any(t.kind == "segmentation" for t in tasks)
 
 
-def _loaders(context: RunContext, index: int, plan: StagePlan, stores: dict):  # noqa: ANN202
+def _loaders(context: RunContext, index: int, plan: StagePlan):  # noqa: ANN202
     from torch.utils.data import DataLoader
 
     from lungscreen.training.augment import build_augment
@@ -324,9 +355,9 @@ def _loaders(context: RunContext, index: int, plan: StagePlan, stores: dict):  #
 
     stage, data, env = context.config.stages[index], plan.data, context.env
     spec = context.spec(index).input
-    train_set = ManifestDataset(_store_for(context, plan, stores, data.train_split), stage.image_size, spec,
+    train_set = ManifestDataset(_store_for(context, plan, data.train_split), stage.image_size, spec,
                                 plan.task, build_augment(data.augment))
-    val_set = ManifestDataset(_store_for(context, plan, stores, data.val_split), stage.image_size, spec, plan.task)
+    val_set = ManifestDataset(_store_for(context, plan, data.val_split), stage.image_size, spec, plan.task)
     classes = getattr(plan.task, "classes", ())
     positive = classes.index(data.balance.positive_class) if data.balance.positive_class in classes else None
     sampler = EpochSampler(train_set.targets, method=data.balance.method, batch_size=data.batch_size,
@@ -334,19 +365,27 @@ def _loaders(context: RunContext, index: int, plan: StagePlan, stores: dict):  #
                            positive=positive, covid_percent=data.balance.covid_percent, rank=env.rank,
                            world_size=env.world_size)
     workers = data.num_workers
+    # Workers leave SIGINT/SIGTERM to this process, which stops between batches and shuts them down.
     train_loader = DataLoader(train_set, batch_size=sampler.per_rank_batch, sampler=sampler, collate_fn=collate,
-                              num_workers=workers, persistent_workers=False, drop_last=False)
+                              num_workers=workers, persistent_workers=False, drop_last=False,
+                              worker_init_fn=_quiet_worker if workers else None)
     val_loader = DataLoader(val_set, batch_size=data.eval_batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=workers)
+                            num_workers=workers, worker_init_fn=_quiet_worker if workers else None)
     return train_set, train_loader, val_loader
 
 
+def _quiet_worker(worker_id: int) -> None:
+    interrupts.ignore_in_worker()
+
+
 def _trainer_kwargs(context: RunContext, stage_epochs: int, precision: str, quiet: bool) -> dict[str, Any]:
+    from lungscreen.training.callbacks import show_progress  # the bar itself: progress_bars() in _run_stage
+
     env = context.env
     kwargs: dict[str, Any] = {
         "max_epochs": stage_epochs, "logger": False, "num_sanity_val_steps": 0, "use_distributed_sampler": False,
         "enable_model_summary": False, "precision": "bf16-mixed" if precision == "bf16" else "32-true",
-        "enable_progress_bar": not quiet and sys.stderr.isatty(), "deterministic": False,
+        "enable_progress_bar": show_progress(quiet), "deterministic": False,
     }
     if env.distributed:
         import torch
@@ -364,10 +403,11 @@ def _trainer_kwargs(context: RunContext, stage_epochs: int, precision: str, quie
     return kwargs
 
 
-def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: StagePlan, stores: dict,  # noqa: ANN001
+def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: StagePlan,  # noqa: ANN001
                offset: int, extra_callbacks: Sequence[Any], quiet: bool) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lungscreen.training.module import TrainModule
 
@@ -377,7 +417,7 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
         stage_dir.mkdir(parents=True, exist_ok=True)
     say(f"stage {index + 1}/{len(config.stages)} {stage.name}: {stage.epochs} epoch(s) at {stage.image_size} px, "
         f"train {stage.train}, {stage.optimizer.name} lr {stage.optimizer.lr}, schedule {stage.schedule.name}")
-    train_set, train_loader, val_loader = _loaders(context, index, plan, stores)
+    train_set, train_loader, val_loader = _loaders(context, index, plan)
     objective = _objective(stage, plan, train_set.targets)
     lr = stage.optimizer.lr
     if lr == "find":
@@ -385,8 +425,11 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     precision = _choose_precision(context, stage_dir, model, stage, plan)
     module = TrainModule(model, objective=objective, stage=stage, lr=lr, seed=config.seed, stage_index=index,
                          monitor_mode=context.monitor[1])
-    EpochRecorder, BestCheckpoint, StopOnRequest = make_callbacks()
-    callbacks = [EpochRecorder(context, index, offset, env.world_size), StopOnRequest(context), *extra_callbacks]
+    EpochRecorder, BestCheckpoint, StopOnRequest, StopOnSignal = make_callbacks()
+    from lungscreen.training.callbacks import progress_bars
+
+    callbacks = [EpochRecorder(context, index, offset, env.world_size), StopOnRequest(context),
+                 *progress_bars(stage.name, stage.epochs, quiet), *extra_callbacks]
     final_task = head_classes(plan.task) == context.classes
     metric, mode = context.monitor
     if final_task:
@@ -396,12 +439,19 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
                                            min_delta=config.monitor.min_delta, check_finite=False, verbose=False))
     callbacks.append(ModelCheckpoint(dirpath=stage_dir, filename="last", save_top_k=1, monitor=None,
                                      enable_version_counter=False, save_on_train_epoch_end=False))
+    callbacks.append(StopOnSignal())
     trainer = L.Trainer(callbacks=callbacks, default_root_dir=stage_dir,
                         **_trainer_kwargs(context, stage.epochs, precision, quiet))
     module.train()  # Lightning keeps the modes it finds: frozen groups' BatchNorm layers start (and stay) in eval
     checkpoint = stage_dir / "last.ckpt"
     started = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoint) if checkpoint.exists() else None)
+    with interrupts.deferred():  # a signal stops training between batches, never inside a checkpoint write
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoint) if checkpoint.exists() else None)
+        except (interrupts.Interrupted, SIGTERMException) as stop:
+            signum = stop.signum if isinstance(stop, interrupts.Interrupted) else signal.SIGTERM
+            raise interrupts.Interrupted(signum, f"at epoch {trainer.current_epoch + 1}/{stage.epochs} of stage "
+                                                 f"{stage.name}") from None
     seconds = time.perf_counter() - started
     history = context.history()
     rows = history[history["stage"] == index] if not history.empty else history
@@ -471,35 +521,30 @@ def _find_lr(context: RunContext, index: int, stage_dir: Path, model, objective,
 
 
 def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: StagePlan) -> str:  # noqa: ANN001
-    """``32`` / ``bf16`` as configured; ``auto`` measures both on this machine and keeps the faster."""
+    """``32`` / ``bf16`` as configured (no measurement); ``auto`` decides from the hardware, with a timing of
+    this model as a veto only (:mod:`~lungscreen.training.precision`), so machine load cannot flip it. The
+    decision and why are printed and kept in ``precision.json``, which a resume reuses."""
     wanted = context.config.precision
     if wanted != "auto":
         return "bf16" if wanted == "bf16" else "32"
     saved = stage_dir / "precision.json"
     if saved.exists():
         return read_json(saved)["choice"]
-    import torch
+    from lungscreen.training.precision import choose_precision
 
-    if not torch.backends.mkldnn.is_available():
-        choice, timings = "32", {}
-    else:
-        from lungscreen.training.precision import measure_precision
-
-        timings = measure_precision(model, stage.image_size, max(2, plan.data.batch_size // context.env.world_size),
-                                    context.config.model.in_channels)
-        choice = "bf16" if timings["bf16_step_s"] < 0.9 * timings["fp32_step_s"] else "32"
-    say(f"  precision auto: fp32 {timings.get('fp32_step_s', float('nan')):.3f} s/step, "
-        f"bf16 {timings.get('bf16_step_s', float('nan')):.3f} s/step -> {choice}")
+    record = choose_precision(model, stage.image_size, max(2, plan.data.batch_size // context.env.world_size),
+                              context.config.model.in_channels)
+    say(f"  precision auto: {'bf16' if record['choice'] == 'bf16' else 'fp32'}: {record['reason']}")
     if context.env.is_zero:
-        write_json(saved, {"choice": choice, **timings})
-    return choice
+        write_json(saved, record)
+    return record["choice"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # End of a run: test evaluation and summary
 # ---------------------------------------------------------------------------------------------------------
 
-def _finish(context: RunContext, stage_reports: list[dict], stores: dict, started: float) -> dict[str, Any]:
+def _finish(context: RunContext, stage_reports: list[dict], started: float) -> dict[str, Any]:
     config, env = context.config, context.env
     plan = context.prepared.stages[-1]
     summary: dict[str, Any] = {
@@ -512,7 +557,7 @@ def _finish(context: RunContext, stage_reports: list[dict], stores: dict, starte
     if (config.test and env.is_zero and not context.stop_requested and context.best is not None
             and not test_frame.empty):
         objective = _objective(config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
-        store = _store_for(context, plan, stores, plan.data.test_split)
+        store = _store_for(context, plan, plan.data.test_split)
         from lungscreen.training.testing import score_checkpoint, test_report, write_predictions
 
         kept, patients = score_checkpoint(context.dir / "best.pt", store, plan.task, objective)

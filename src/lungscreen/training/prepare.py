@@ -113,7 +113,7 @@ def manifest_columns(path: Path) -> list[str]:
 
 
 def load_stage_manifest(path: str, key: str, cache: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    from lungscreen.data.manifest import load_manifest
+    from lungscreen.data.manifest import check_files, load_manifest
 
     if path in cache:
         return cache[path]
@@ -124,6 +124,7 @@ def load_stage_manifest(path: str, key: str, cache: dict[str, pd.DataFrame]) -> 
                           f"(training needs {', '.join(REQUIRED_COLUMNS)}; build one with `lungscreen data build`)")
     try:
         cache[path] = load_manifest(path)
+        check_files(cache[path], path)
     except ManifestError as error:
         raise ConfigError(f"{key}: {error}") from None
     return cache[path]
@@ -307,7 +308,7 @@ def build_initial_model(config: TrainConfig, task: Task):  # noqa: ANN201
                              pretrained=spec.pretrained, weights=weights, reset_head=reset, **spec.options)
     except LungscreenError as error:
         key = "model.pretrained" if spec.pretrained else "model.init_from" if spec.init_from else \
-            "model.weights" if spec.weights else "model"
+            "model.weights" if spec.weights else "model.options" if "option" in str(error) else "model"
         raise ConfigError(f"{key}: {error}") from None
 
 

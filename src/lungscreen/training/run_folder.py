@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -51,48 +53,135 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-class _Tee:
-    def __init__(self, *streams: Any) -> None:
-        self.streams = streams
+#: A terminal control sequence (colours, cursor moves, erasing): meaningless in a file.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+
+class _LogLines:
+    """The log's side of the tee: whole lines of plain text.
+
+    Progress bars draw on the terminal itself (:func:`terminal_stream`), never through the tee, so what
+    arrives here is the run's own lines; of a line redrawn in place (``\r``) only the final text is kept,
+    colours and other control codes are dropped, and blank lines are skipped. Each line reaches the file
+    as soon as its newline arrives, so ``tail -f log.txt`` follows the run.
+    """
+
+    def __init__(self, handle: TextIO) -> None:
+        self.handle, self.pending = handle, ""
+        self.lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self._emit(line)
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        line = _CONTROL.sub("", line).rsplit("\r", 1)[-1].rstrip()
+        if line.strip():
+            self.handle.write(line + "\n")
+            self.handle.flush()
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        """Write the unfinished last line too."""
+        with self.lock:
+            self._emit(self.pending)
+            self.pending = ""
+
+
+class _Tee:
+    """stdout or stderr during a run: every write goes to the terminal as is and to the log as lines.
+
+    Terminal writes go out a line at a time (partial lines on flush), each drawn above any tqdm progress
+    bar on ``bars`` (cleared, written, redrawn, as ``tqdm.write`` does), so printing never breaks a bar.
+    """
+
+    def __init__(self, terminal: TextIO, log: _LogLines, bars: TextIO) -> None:
+        self.terminal, self.log, self.bars = terminal, log, bars
+        self.pending = ""
+        self.lock = threading.RLock()
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        with self.lock:
+            self.pending += text
+            cut = self.pending.rfind("\n") + 1
+            if cut:
+                lines, self.pending = self.pending[:cut], self.pending[cut:]
+                with _above_progress_bars(self.bars):
+                    self.terminal.write(lines)
+                    self.terminal.flush()
         return len(text)
 
     def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+        with self.lock:
+            if self.pending:
+                self.terminal.write(self.pending)
+                self.pending = ""
+            self.terminal.flush()
+        self.log.flush()
 
     def isatty(self) -> bool:
-        return bool(getattr(self.streams[0], "isatty", lambda: False)())
+        return bool(getattr(self.terminal, "isatty", lambda: False)())
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.streams[0], name)
+        return getattr(self.terminal, name)
+
+
+def _above_progress_bars(bars: TextIO) -> contextlib.AbstractContextManager:
+    """tqdm's own way to print past its bars on ``bars`` (only when tqdm is in use at all)."""
+    tqdm = sys.modules.get("tqdm.std")
+    if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):  # no bar alive: nothing to clear
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode(file=bars)
+
+
+def terminal_stream() -> TextIO:
+    """stderr as the terminal gets it, past the run log: where progress bars draw, so that their redraws
+    stay on the terminal and out of log.txt."""
+    return _terminal_of(sys.stderr)
+
+
+def _terminal_of(stream: TextIO) -> TextIO:
+    while isinstance(stream, _Tee):  # a run inside a run (a search's trials) logs twice, draws once
+        stream = stream.terminal
+    return stream
 
 
 @contextlib.contextmanager
 def run_log(path: Path | None) -> Iterator[None]:
-    """Copy everything printed (stdout, stderr, Lightning's log) to ``path``, appended."""
+    """Copy everything printed (stdout, stderr, Lightning's log) to ``path``, appended, as plain text lines:
+    no colour codes, no carriage-return redraws (see :class:`_LogLines`)."""
     if path is None:
         yield
         return
     import logging
 
-    with path.open("a", encoding="utf-8", buffering=1) as handle:
-        handler = logging.StreamHandler(handle)
+    with path.open("a", encoding="utf-8") as handle:
+        log = _LogLines(handle)
+        handler = logging.StreamHandler(log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lungscreen")]
         for logger in loggers:
             logger.addHandler(handler)
         stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(stdout, handle), _Tee(stderr, handle)
+        bars = _terminal_of(stderr)
+        sys.stdout, sys.stderr = _Tee(stdout, log, bars), _Tee(stderr, log, bars)
         try:
             yield
         finally:
+            for tee in (sys.stdout, sys.stderr):
+                if isinstance(tee, _Tee):
+                    tee.flush()
             sys.stdout, sys.stderr = stdout, stderr
             for logger in loggers:
                 logger.removeHandler(handler)
+            log.close()
 
 
 @contextlib.contextmanager
