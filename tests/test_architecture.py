@@ -18,8 +18,8 @@ LAYERS = [
     {"models"},
     {"preprocessing"},
     {"lungs"},
+    {"inference"},  # scoring images with a checkpoint: beneath training, whose test step scores with it
     {"training"},
-    {"inference"},
     {"audit", "serve", "pacs"},
     {"cli"},
 ]

@@ -44,21 +44,38 @@ def phantoms(tmp_path_factory):
 # predict = the engine's test evaluation
 # --------------------------------------------------------------------------------------------------------
 
-def test_predict_gives_the_probabilities_the_engine_tested_with(manifest, tmp_path):
+def test_predict_gives_the_probabilities_the_training_input_path_gives(manifest, tmp_path):
+    """The engine feeds a model from its in-memory store (preprocessed once, resized per stage, augmented
+    per item); predict decodes files one by one. Both must reach the same tensors: the probabilities of
+    best.pt on the test images agree within 1e-5, and the engine's own test table says the same."""
+    from lungscreen.training.data import ImageStore
+    from lungscreen.training.objectives import build_objective
+    from lungscreen.training.prepare import prepare
+    from lungscreen.training.testing import score_checkpoint
+
     recipe = tiny_recipe(manifest)
     recipe["model"] = {"name": "squeezenet1_1"}
     recipe["data"]["pipeline"] = "covidnet"  # crops, so the geometry and the resize order matter
     recipe["stages"] = [{"name": "all", "epochs": 1, "image_size": 36, "train": "all"}]
-    run = train(from_dict(recipe), out=tmp_path / "run", quiet=True).run_dir
-    tested = pd.read_csv(run / "test_predictions.csv")
-    assert len(tested) == json.loads((run / "test.json").read_text())["images"] > 0
-    predicted = predict_paths(run, tested["image_path"].tolist(), batch_size=5).set_index("path")
+    config = from_dict(recipe)
+    run = train(config, out=tmp_path / "run", quiet=True).run_dir
+    plan = prepare(config, build_model=False)
+    rows = plan.stages[-1].frames["test"]
+    store = ImageStore(rows, plan.pipeline, [36])
+    store.load_all()
+    objective = build_objective(plan.stages[-1].task, config.stages[-1].loss)
+    kept, _ = score_checkpoint(run / "best.pt", store, plan.stages[-1].task, objective)
     classes = ["normal", "pneumonia", "COVID-19"]
-    np.testing.assert_allclose(predicted.loc[tested["image_path"], classes].to_numpy(), tested[classes].to_numpy(),
+    predicted = predict_paths(run, store.frame["image_path"].tolist(), batch_size=5).set_index("path")
+    np.testing.assert_allclose(predicted.loc[store.frame["image_path"], classes].to_numpy(), kept["probs"],
                                atol=1e-5, rtol=0)
+    tested = pd.read_csv(run / "test_predictions.csv").set_index("image_path")
+    np.testing.assert_allclose(tested.loc[store.frame["image_path"], classes].to_numpy(), kept["probs"], atol=1e-5)
     spec = load_checkpoint(run / "best.pt").spec
     assert spec.input.size == 36 and spec.input.pipeline["name"] == "covidnet" and spec.class_names == classes
     assert spec.modality == "CXR" and spec.task == "covidx" and spec.heads[0].activation == "softmax"
+    test = json.loads((run / "test.json").read_text())
+    assert test["images"] == len(tested) and {entry["source"] for entry in test["per_source"]} == {"synth"}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_run_folder_freezing_lr_finder_tracking_and_predict(manifest, tmp_path):
     for estimate in summary["test"]["figures"].values():
         if np.isfinite(estimate["value"]) and np.isfinite(estimate["low"]):
             assert estimate["low"] <= estimate["value"] + 1e-9 and estimate["value"] <= estimate["high"] + 1e-9
-    assert summary["best"]["metric"] == "val/sensitivity/COVID-19"
+    assert summary["best"]["metric"] == "val/auc/COVID-19"
 
     import mlflow
 

@@ -41,3 +41,10 @@ class SourceError(LungscreenError):
 
 class ConfigError(LungscreenError):
     """A configuration value that is missing or out of range; the message names the key."""
+
+
+class MetricError(LungscreenError, ValueError):
+    """A figure asked of data that cannot give it: one class only for an AUC, NaN probabilities, a wrong shape.
+
+    Also a ``ValueError``, so callers that caught the metrics' earlier ``ValueError`` keep working.
+    """

@@ -42,6 +42,13 @@ def _register() -> None:
     app.command("train")(train_cli.train)
     app.command("tune")(train_cli.tune)
     app.command("predict")(predict_cli.predict)
+    from lungscreen.cli import explain as explain_cli  # noqa: E402
+
+    app.command("explain")(explain_cli.explain)
+    from lungscreen.cli import evaluate as evaluate_cli  # noqa: E402
+
+    app.command("evaluate")(evaluate_cli.evaluate)
+    app.command("audit")(evaluate_cli.audit)
     from lungscreen.cli import lungs as lungs_cli, preprocess as preprocess_cli  # noqa: E402
 
     app.add_typer(lungs_cli.app, name="lungs")

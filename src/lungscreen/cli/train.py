@@ -90,8 +90,14 @@ def tune(
 
     if config is None:
         raise ConfigError("config: give a recipe")
+    from lungscreen.interrupts import Interrupted
+
     loaded = _load(config, manifest, overrides)
-    result = run_search(loaded, trials=trials, out=out_dir, storage=storage, study_name=study)
+    try:
+        result = run_search(loaded, trials=trials, out=out_dir, storage=storage, study_name=study)
+    except Interrupted as stop:
+        stop.where, stop.hint = "during a trial", "run the same tune command again: the study continues where it stopped"
+        raise
     table = Table(title=f"study {result.study.study_name}: {len(result.table)} trials")
     for column in result.table.columns:
         table.add_column(str(column).replace("params_", ""))

@@ -1,80 +1,60 @@
-"""The one metrics module: every figure lungscreen reports comes with a bootstrap confidence interval.
+"""The one metrics module: every figure lungscreen reports, and its bootstrap confidence interval.
 
 Small test sets are the norm in this field (paper 000 tests on 15 images), so a point estimate alone
-misleads. :func:`bootstrap_ci` resamples the evaluated items (images, or patients when given groups) with
-replacement and reports the percentile interval.
+misleads: :func:`classification_report` and :func:`bootstrap_ci` resample the evaluated items (whole
+patients when given groups) and report the percentile interval. Counts, areas and curves come from
+scikit-learn; what this module adds is honesty about what a test set cannot tell:
+
+* in the figure dicts, a figure whose denominator is empty (PPV with nothing called positive, the AUC of a
+  class absent from the set) is NaN, never a made-up 0 or 1; the bootstrap leaves out resamples where it
+  is NaN, and an :class:`Estimate` of a figure undefined on the whole set prints as ``undefined``;
+* the strict entry points (:func:`auc`, :func:`roc`, :func:`precision_recall`) raise :class:`MetricError`
+  instead, saying which class is missing;
+* NaN or infinite probabilities, and arrays of the wrong shape, raise :class:`MetricError` everywhere,
+  naming the first bad row.
+
+The resampling lives in :mod:`lungscreen.evaluation.bootstrap`, the curves, AUC and calibration error in
+:mod:`lungscreen.evaluation.curves`; both are re-exported here, so this module is the one to import.
 
 Example:
     >>> import numpy as np
-    >>> estimate = bootstrap_ci(np.array([0.9, 0.95, 0.97, 0.92]), np.mean, seed=0)
+    >>> estimate = bootstrap_ci(np.array([0.9, 0.95, 0.97, 0.92]), statistic=np.mean, seed=0)
     >>> round(estimate.value, 3), estimate.low <= estimate.value <= estimate.high
     (0.935, True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable
 
 import numpy as np
 
+from lungscreen.errors import MetricError
+from lungscreen.evaluation import checks
+from lungscreen.evaluation.bootstrap import Estimate, bootstrap_ci, bootstrap_many
+from lungscreen.evaluation.curves import (
+    auc,
+    aucs_or_nan,
+    expected_calibration_error,
+    precision_recall,
+    reliability,
+    roc,
+    top_label_ece,
+)
 
-@dataclass(frozen=True)
-class Estimate:
-    """A figure with its percentile bootstrap interval (``level`` e.g. 0.95)."""
+__all__ = [
+    "OVERALL", "PER_CLASS", "Estimate", "MetricError", "auc", "bootstrap_ci", "bootstrap_many",
+    "classification_figures", "classification_report", "confusion_matrix", "dice_iou",
+    "expected_calibration_error", "multilabel_figures", "precision_recall", "reliability", "roc",
+]
 
-    value: float
-    low: float
-    high: float
-    level: float = 0.95
-
-    def __str__(self) -> str:
-        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-    def as_dict(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level}
-
-
-def bootstrap_ci(
-    *arrays: np.ndarray,
-    statistic: Callable[..., float] | None = None,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-    groups: np.ndarray | None = None,
-) -> Estimate:
-    """Percentile bootstrap interval of ``statistic(*arrays)``.
-
-    Args:
-        *arrays: aligned per-item arrays (e.g. per-image Dice, or y_true and y_score).
-        statistic: function of the arrays returning a float; defaults to the mean of the first array.
-            A resample where it is undefined (NaN, e.g. no positives drawn) is left out.
-        n_resamples: number of bootstrap resamples.
-        level: coverage of the interval.
-        seed: random seed, so a report is reproducible.
-        groups: optional per-item cluster ids (patients); whole clusters are resampled, because images
-            of one patient are not independent.
-    """
-    if len(arrays) == 0:
-        raise ValueError("bootstrap_ci needs at least one array")
-    single = statistic or _mean
-    figures = bootstrap_many(*arrays, statistic=lambda *a: {"value": float(single(*a))}, n_resamples=n_resamples,
-                             level=level, seed=seed, groups=groups)
-    return figures["value"]
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(np.mean(values))
-
-
-def _clusters(groups: np.ndarray | None, size: int) -> list[np.ndarray]:
-    if groups is None:
-        return [np.array([i]) for i in range(size)]
-    groups = np.asarray(groups)
-    if len(groups) != size:
-        raise ValueError("groups must align with the arrays")
-    _, inverse = np.unique(groups, return_inverse=True)
-    return [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+#: Per-class figures, each reported one-vs-rest for every class.
+PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "dor", "auc")
+#: Figures of the whole prediction.
+OVERALL = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+#: Confidence bins of the ``ece`` in :func:`classification_figures`.
+ECE_BINS = 10
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,9 +72,11 @@ def dice_iou(predicted: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None
     """
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     if predicted.shape != truth.shape:
-        raise ValueError(f"masks differ in shape: {predicted.shape} and {truth.shape}")
+        raise MetricError(f"masks differ in shape: {predicted.shape} and {truth.shape}")
     if ignore is not None:
         valid = ~np.asarray(ignore, bool)
+        if valid.shape != truth.shape:
+            raise MetricError(f"the ignore mask has shape {valid.shape}, the masks {truth.shape}")
         predicted, truth = predicted & valid, truth & valid
     intersection = int(np.count_nonzero(predicted & truth))
     total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))
@@ -107,80 +89,69 @@ def dice_iou(predicted: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None
 # Classification figures
 # --------------------------------------------------------------------------------------------------------
 
-#: Per-class figures, each reported one-vs-rest for every class.
-PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "dor", "auc")
-#: Figures of the whole prediction.
-OVERALL = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
-
-
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts ``[true, predicted]`` (rows are the truth, as in scikit-learn)."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """Counts ``[true, predicted]``, rows the truth as in scikit-learn, a row and column for every class.
 
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return float(numerator / denominator) if denominator else float("nan")
-
-
-def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC by the rank (Mann-Whitney) formula, ties counted half; NaN when one class is absent."""
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    Example:
+        >>> confusion_matrix([0, 0, 1, 2], [0, 1, 1, 1], 3).tolist()
+        [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    """
+    truth = checks.labels(y_true, num_classes)
+    called = checks.labels(y_pred, num_classes, "y_pred", size=len(truth), other="y_true")
+    return _confusion(truth, called, num_classes)
 
 
 def classification_figures(y_true: np.ndarray, y_score: np.ndarray, class_names: list[str] | tuple[str, ...],
                            y_pred: np.ndarray | None = None) -> dict[str, float]:
     """Point estimates of every classification figure lungscreen reports.
 
-    Keys are ``accuracy``, ``balanced_accuracy`` (mean per-class sensitivity), ``macro_f1``, ``macro_auc``
-    and, for each class ``C`` one-vs-rest, ``sensitivity/C``, ``specificity/C``, ``ppv/C``, ``npv/C``,
-    ``f1/C``, ``dor/C`` (diagnostic odds ratio with the Haldane +0.5 correction when a cell is empty, so a
-    perfect class gives a large finite number, not infinity) and ``auc/C``. A figure whose denominator is
-    empty (no positives of a class) is NaN, never a made-up 0 or 1.
+    Keys are ``accuracy``, ``balanced_accuracy`` (mean sensitivity over the classes present), ``macro_f1``
+    (over the classes present), ``macro_auc`` (over the classes whose AUC is defined), ``ece`` (top-label
+    expected calibration error of ``y_score`` in 10 bins, see :func:`expected_calibration_error`) and, for
+    each class ``C`` one-vs-rest, ``sensitivity/C``, ``specificity/C``, ``ppv/C``, ``npv/C``, ``f1/C``,
+    ``dor/C`` and ``auc/C``.
+
+    A figure whose denominator is empty is NaN, never a made-up 0 or 1: sensitivity and AUC of a class absent
+    from the set, PPV of a class never predicted. This is the lenient form the bootstrap needs (it leaves
+    out resamples where a figure is NaN); :func:`auc` is the strict entry point that raises instead. The
+    diagnostic odds ratio ``(TP·TN)/(FP·FN)`` adds 0.5 to every cell when one is empty (Haldane), so a
+    perfect class gives a large finite number rather than infinity; it is NaN when the class is absent or
+    is everything.
 
     Args:
         y_true: true class index per item.
         y_score: per-class probabilities, shape (items, classes).
         class_names: names of the classes, in index order.
-        y_pred: predicted class per item; argmax of ``y_score`` by default.
+        y_pred: predicted class per item; argmax of ``y_score`` by default. The ``ece`` always judges the
+            argmax, the prediction the probabilities state.
+
+    Raises:
+        MetricError: NaN, inf or values outside [0, 1] in ``y_score``, a wrong shape, labels outside the
+            classes, no items.
     """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_score = np.asarray(y_score, dtype=np.float64)
-    k = len(class_names)
-    if y_score.ndim != 2 or y_score.shape != (len(y_true), k):
-        raise ValueError(f"y_score must have shape ({len(y_true)}, {k}), got {y_score.shape}")
-    y_pred = y_score.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64)
-    matrix = confusion_matrix(y_true, y_pred, k)
-    total = matrix.sum()
+    names = list(class_names)
+    k = len(names)
+    score = checks.scores(y_score, columns=k, unit=True)
+    truth = checks.labels(y_true, k, size=len(score))
+    if len(truth) == 0:
+        raise MetricError("classification figures need at least one item")
+    called = score.argmax(axis=1) if y_pred is None else checks.labels(y_pred, k, "y_pred", size=len(truth))
+    matrix = _confusion(truth, called, k)
+    total = int(matrix.sum())
     figures: dict[str, float] = {"accuracy": _ratio(np.trace(matrix), total)}
-    for c, name in enumerate(class_names):
-        tp = matrix[c, c]
-        fn = matrix[c].sum() - tp
-        fp = matrix[:, c].sum() - tp
+    areas = aucs_or_nan(truth[:, None] == np.arange(k), score)
+    for c, name in enumerate(names):
+        tp = int(matrix[c, c])
+        fn = int(matrix[c].sum()) - tp
+        fp = int(matrix[:, c].sum()) - tp
         tn = total - tp - fn - fp
-        sensitivity, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
-        cells = np.array([tp, fn, fp, tn], dtype=np.float64)
-        if (cells == 0).any():
-            cells = cells + 0.5
-        figures[f"sensitivity/{name}"] = sensitivity
-        figures[f"specificity/{name}"] = _ratio(tn, tn + fp)
-        figures[f"ppv/{name}"] = ppv
-        figures[f"npv/{name}"] = _ratio(tn, tn + fn)
-        figures[f"f1/{name}"] = _ratio(2 * tp, 2 * tp + fp + fn)
-        figures[f"dor/{name}"] = float((cells[0] * cells[3]) / (cells[1] * cells[2])) if tp + fn and fp + tn else float("nan")
-        figures[f"auc/{name}"] = _binary_auc(y_true == c, y_score[:, c])
-    present = [name for c, name in enumerate(class_names) if matrix[c].sum() > 0]
-    figures["balanced_accuracy"] = float(np.mean([figures[f"sensitivity/{n}"] for n in present])) if present else float("nan")
-    figures["macro_f1"] = float(np.mean([figures[f"f1/{n}"] for n in present])) if present else float("nan")
-    aucs = [figures[f"auc/{n}"] for n in present if np.isfinite(figures[f"auc/{n}"])]
-    figures["macro_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+        figures.update({f"{figure}/{name}": value for figure, value in _binary_figures(tp, fn, fp, tn).items()})
+        figures[f"auc/{name}"] = float(areas[c])
+    present = [name for c, name in enumerate(names) if matrix[c].sum() > 0]
+    figures["balanced_accuracy"] = _mean_of(figures[f"sensitivity/{n}"] for n in present)
+    figures["macro_f1"] = _mean_of(figures[f"f1/{n}"] for n in present)
+    figures["macro_auc"] = _mean_of(figures[f"auc/{n}"] for n in names)
+    figures["ece"] = top_label_ece(truth, score, ECE_BINS)
     return figures
 
 
@@ -189,66 +160,39 @@ def multilabel_figures(y_true: np.ndarray, y_score: np.ndarray, label_names: lis
     """Per-label figures of independent (sigmoid) outputs, each label a yes/no question of its own.
 
     Keys: ``auc/L``, ``sensitivity/L``, ``specificity/L``, ``ppv/L``, ``f1/L`` (at ``threshold``) for every
-    label ``L``, and ``macro_auc`` over the labels whose AUC is defined (both answers present).
+    label ``L``, and ``macro_auc`` over the labels whose AUC is defined (both answers present). Undefined
+    figures are NaN, as in :func:`classification_figures`.
 
     Args:
         y_true: 0/1 per item and label, shape (items, labels).
         y_score: probability per item and label, same shape.
         label_names: names of the labels, in column order.
         threshold: probability at or above which a label is called present.
+
+    Raises:
+        MetricError: NaN, inf or values outside [0, 1] in ``y_score``, answers other than 0/1, a wrong
+            shape, no items.
     """
-    y_true = np.asarray(y_true, dtype=np.float64) > 0.5
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_score.shape != y_true.shape or y_score.ndim != 2 or y_score.shape[1] != len(label_names):
-        raise ValueError(f"y_true and y_score must both have shape (items, {len(label_names)}), "
-                         f"got {y_true.shape} and {y_score.shape}")
+    names = list(label_names)
+    truth = checks.binary(y_true, ndim=2)
+    if truth.shape[1] != len(names):
+        raise MetricError(f"y_true must have shape (items, {len(names)}) for labels {names}, got {truth.shape}")
+    score = checks.scores(y_score, shape=truth.shape, unit=True)
+    if len(truth) == 0:
+        raise MetricError("multi-label figures need at least one item")
+    from sklearn.metrics import multilabel_confusion_matrix  # on first use, as in curves: slow to import
+
+    with checks.trusted():
+        matrices = multilabel_confusion_matrix(truth, score >= threshold)  # per label [[tn, fp], [fn, tp]]
+    areas = aucs_or_nan(truth, score)
     figures: dict[str, float] = {}
-    for column, name in enumerate(label_names):
-        truth, called = y_true[:, column], y_score[:, column] >= threshold
-        tp, fp = int((truth & called).sum()), int((~truth & called).sum())
-        fn, tn = int((truth & ~called).sum()), int((~truth & ~called).sum())
-        figures[f"auc/{name}"] = _binary_auc(truth, y_score[:, column])
-        figures[f"sensitivity/{name}"] = _ratio(tp, tp + fn)
-        figures[f"specificity/{name}"] = _ratio(tn, tn + fp)
-        figures[f"ppv/{name}"] = _ratio(tp, tp + fp)
-        figures[f"f1/{name}"] = _ratio(2 * tp, 2 * tp + fp + fn)
-    aucs = [figures[f"auc/{n}"] for n in label_names if np.isfinite(figures[f"auc/{n}"])]
-    figures["macro_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    for column, name in enumerate(names):
+        (tn, fp), (fn, tp) = matrices[column].tolist()
+        figures[f"auc/{name}"] = float(areas[column])
+        binary = _binary_figures(tp, fn, fp, tn)
+        figures.update({f"{figure}/{name}": binary[figure] for figure in ("sensitivity", "specificity", "ppv", "f1")})
+    figures["macro_auc"] = _mean_of(figures[f"auc/{n}"] for n in names)
     return figures
-
-
-def bootstrap_many(*arrays: np.ndarray, statistic: Callable[..., dict[str, float]], n_resamples: int = 1000,
-                   level: float = 0.95, seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Estimate]:
-    """Like :func:`bootstrap_ci` for a statistic returning several named figures at once.
-
-    One set of resamples serves every figure, so the intervals of, say, sensitivity and PPV come from the
-    same resampled test sets, and a report costs one bootstrap instead of one per figure.
-    """
-    arrays = tuple(np.asarray(a) for a in arrays)
-    size = len(arrays[0])
-    if size == 0:
-        raise ValueError("bootstrap needs at least one item")
-    if any(len(a) != size for a in arrays):
-        raise ValueError("bootstrap arrays must have the same length")
-    point = statistic(*arrays)
-    rng = np.random.default_rng(seed)
-    clusters = _clusters(groups, size)
-    samples: dict[str, list[float]] = {name: [] for name in point}
-    for _ in range(n_resamples):
-        chosen = rng.integers(0, len(clusters), len(clusters))
-        index = np.concatenate([clusters[i] for i in chosen])
-        for name, value in statistic(*(a[index] for a in arrays)).items():
-            if np.isfinite(value):
-                samples[name].append(float(value))
-    tail = (1.0 - level) / 2.0
-    result = {}
-    for name, value in point.items():
-        if samples[name]:
-            low, high = np.quantile(samples[name], [tail, 1.0 - tail])
-            result[name] = Estimate(float(value), float(low), float(high), level)
-        else:
-            result[name] = Estimate(float(value), float("nan"), float("nan"), level)
-    return result
 
 
 def classification_report(y_true: np.ndarray, y_score: np.ndarray, class_names: list[str] | tuple[str, ...], *,
@@ -278,3 +222,44 @@ def classification_report(y_true: np.ndarray, y_score: np.ndarray, class_names: 
 
     return bootstrap_many(np.asarray(y_true), np.asarray(y_score, dtype=np.float64), statistic=statistic,
                           n_resamples=n_resamples, level=level, seed=seed, groups=groups)
+
+
+def _confusion(truth: np.ndarray, called: np.ndarray, num_classes: int) -> np.ndarray:
+    if len(truth) == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+    with checks.trusted():
+        return sklearn_confusion_matrix(truth, called, labels=np.arange(num_classes))
+
+
+def _binary_figures(tp: int, fn: int, fp: int, tn: int) -> dict[str, float]:
+    """The figures of one yes/no question's 2×2 table, NaN where a denominator is empty."""
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "dor": _odds_ratio(tp, fn, fp, tn),
+    }
+
+
+def _odds_ratio(tp: int, fn: int, fp: int, tn: int) -> float:
+    """Diagnostic odds ratio, 0.5 added to every cell when one is empty (Haldane); NaN without both classes."""
+    if tp + fn == 0 or fp + tn == 0:
+        return math.nan
+    cells = np.array([tp, fn, fp, tn], dtype=np.float64)
+    if (cells == 0).any():
+        cells += 0.5
+    return float(cells[0] * cells[3] / (cells[1] * cells[2]))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else math.nan
+
+
+def _mean_of(values: Iterable[float]) -> float:
+    """Mean of the defined (finite) values; NaN when none is."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan

@@ -225,7 +225,7 @@ class StageConfig(_Section):
 class MonitorConfig(_Section):
     """The validation figure that picks ``best.pt`` and drives early stopping.
 
-    ``metric`` defaults to ``val/sensitivity/COVID-19`` for tasks with a COVID-19 class, else ``val/loss``;
+    ``metric`` defaults to ``val/auc/COVID-19`` for tasks with a COVID-19 class, else ``val/loss``;
     ties are broken by the lower validation loss. ``patience`` (epochs without improvement) turns early
     stopping on; None leaves it off.
     """
@@ -234,6 +234,16 @@ class MonitorConfig(_Section):
     mode: Literal["max", "min"] | None = None
     patience: Int | None = None
     min_delta: Float = Field(0.0, ge=0)
+
+
+class OperatingPointConfig(_Section):
+    """The decision threshold chosen on validation after training, stored in best.pt's inference spec and
+    applied unchanged to test and every later prediction. ``positive_class`` None means COVID-19 where the
+    task has it (otherwise the most probable class decides); ``sensitivity`` is the target it must reach."""
+
+    enabled: Bool = True
+    positive_class: str | None = None
+    sensitivity: Float = Field(0.95, gt=0, le=1)
 
 
 class TrackingConfig(_Section):
@@ -313,6 +323,7 @@ class TrainConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig)
     test: Bool = True  # evaluate best.pt on the test split at the end (reported, never used to choose)
     description: str = ""
 

@@ -47,6 +47,7 @@ import yaml
 from lungscreen import interrupts
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import write_atomic
+from lungscreen.inference.scoring import original_images
 from lungscreen.models.inference_spec import Head, InferenceSpec, InputSpec, IntensityReference
 from lungscreen.preprocessing.model_input import intensity_reference
 from lungscreen.training.callbacks import is_finite, make_callbacks
@@ -544,6 +545,54 @@ def _choose_precision(context: RunContext, stage_dir: Path, model, stage, plan: 
 # End of a run: test evaluation and summary
 # ---------------------------------------------------------------------------------------------------------
 
+def _operating_point(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
+    """Choose best.pt's decision threshold on the validation split (a single-label classifier whose task has
+    the configured positive class), store it in its inference spec, and say so."""
+    from lungscreen.errors import MetricError
+    from lungscreen.training.testing import choose_operating_point
+
+    wanted = context.config.operating_point
+    task = plan.task
+    positive = wanted.positive_class or ("COVID-19" if "COVID-19" in getattr(task, "classes", ()) else None)
+    if isinstance(task, dict) or task.kind != "multiclass" or positive is None or not wanted.enabled:
+        return None
+    try:
+        point = choose_operating_point(context.dir / "best.pt", original_images(plan.frames[plan.data.val_split]),
+                                       positive, wanted.sensitivity, chosen_on=f"{plan.data.val_split} split")
+    except MetricError as error:
+        say(f"  no operating point: {error}")
+        return None
+    say(f"operating point: {positive} when its probability >= {point.threshold:.4f} "
+        f"(validation sensitivity {point.figures['sensitivity']:.3f}, specificity {point.figures['specificity']:.3f})")
+    return point.model_dump()
+
+
+def _test(context: RunContext, plan: StagePlan, frame: pd.DataFrame) -> dict[str, Any]:
+    """best.pt on the test split: test.json (and test_predictions.csv for a classifier)."""
+    from lungscreen.training.testing import score_checkpoint, test_classifier, test_report
+
+    best = context.dir / "best.pt"
+    if not isinstance(plan.task, dict) and plan.task.kind == "multiclass":
+        table, test = test_classifier(best, original_images(frame))
+        write_atomic(context.dir / "test_predictions.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
+    else:
+        objective = _objective(context.config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
+        store = _store_for(context, plan, plan.data.test_split)
+        kept, patients = score_checkpoint(best, store, plan.task, objective)
+        tested = store.frame
+        test = {"images": int(len(tested)), "patients": int(tested["patient_id"].nunique()),
+                "skipped": len(store.failures),
+                "counts": {str(k): int(v) for k, v in tested["target_name"].value_counts().sort_index().items()}
+                if "target_name" in tested else {},
+                "figures": test_report(objective, kept, patients)}
+    write_json(context.dir / "test.json", test)
+    for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19", "macro_auc", "dice"):
+        if name in test["figures"]:
+            figure = test["figures"][name]
+            say(f"test {name}: {figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]")
+    return test
+
+
 def _finish(context: RunContext, stage_reports: list[dict], started: float) -> dict[str, Any]:
     config, env = context.config, context.env
     plan = context.prepared.stages[-1]
@@ -553,28 +602,12 @@ def _finish(context: RunContext, stage_reports: list[dict], started: float) -> d
         "stages": stage_reports, "best": context.best, "stopped": context.stop_requested,
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in stage_reports), 2),
     }
+    finished = env.is_zero and not context.stop_requested and context.best is not None
+    if finished:
+        summary["operating_point"] = _operating_point(context, plan)
     test_frame = plan.frames.get(plan.data.test_split, pd.DataFrame())
-    if (config.test and env.is_zero and not context.stop_requested and context.best is not None
-            and not test_frame.empty):
-        objective = _objective(config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
-        store = _store_for(context, plan, plan.data.test_split)
-        from lungscreen.training.testing import score_checkpoint, test_report, write_predictions
-
-        kept, patients = score_checkpoint(context.dir / "best.pt", store, plan.task, objective)
-        tested = store.frame
-        test = {"images": int(len(tested)), "patients": int(tested["patient_id"].nunique()),
-                "skipped": len(store.failures),
-                "counts": {str(k): int(v) for k, v in tested["target_name"].value_counts().sort_index().items()}
-                if "target_name" in tested else {},
-                "figures": test_report(objective, kept, patients)}
-        write_json(context.dir / "test.json", test)
-        if "probs" in kept:
-            write_predictions(context.dir / "test_predictions.csv", tested, kept, plan.task.classes)
-        summary["test"] = test
-        for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19", "macro_auc", "dice"):
-            if name in test["figures"]:
-                figure = test["figures"][name]
-                say(f"test {name}: {figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]")
+    if config.test and finished and not test_frame.empty:
+        summary["test"] = _test(context, plan, test_frame)
     summary["wall_seconds_this_session"] = round(time.perf_counter() - started, 2)
     if env.is_zero:
         write_json(context.dir / "summary.json", summary)

@@ -106,15 +106,16 @@ def _inline_task(spec: dict[str, Any], key: str) -> Task:
 
 
 def default_monitor(task: TaskSpec) -> str:
-    """The validation figure that picks best.pt unless the recipe says: COVID-19 sensitivity for tasks with
-    that class, Dice for masks, macro AUC for multi-label heads, the loss otherwise."""
+    """The validation figure that picks best.pt unless the recipe says: the COVID-19 AUC for tasks with that
+    class (threshold-free: a sensitivity would pick an epoch that calls everything COVID-19), Dice for masks,
+    macro AUC for multi-label heads, the loss otherwise."""
     if isinstance(task, dict):
         return "val/loss"
     if task.kind == "segmentation":
         return "val/dice"
     if task.kind == "multilabel":
         return "val/macro_auc"
-    return "val/sensitivity/COVID-19" if "COVID-19" in task.classes else "val/loss"
+    return "val/auc/COVID-19" if "COVID-19" in task.classes else "val/loss"
 
 
 #: Losses each kind of task can train with (None: the kind's own, the first listed).

@@ -1,20 +1,62 @@
-"""The end of a run: best.pt scored on the test split through its own inference spec, every figure with a
-95 % interval that resamples whole patients, and a per-image table of what it predicted.
+"""The end of a run: the operating point chosen on validation, then best.pt scored on the test split through
+its own inference spec, every figure with a 95 % interval that resamples whole patients, per source too,
+and a per-image table of what it predicted.
 
 Reported, never used to choose: recipes, thresholds and epochs are chosen on validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lungscreen.io.files import write_atomic
+from lungscreen.models import OperatingPoint, load_checkpoint, save_checkpoint
 from lungscreen.training.prepare import TaskSpec
+
+
+def choose_operating_point(path: Path, frame: pd.DataFrame, positive_class: str, sensitivity: float,
+                           chosen_on: str) -> OperatingPoint:
+    """The threshold on ``positive_class``'s probability that reaches ``sensitivity`` on ``frame`` (the
+    validation rows), written into the checkpoint's inference spec; later predictions apply it unchanged.
+
+    Raises:
+        MetricError: the validation rows hold no positive or no negative image.
+    """
+    from lungscreen.evaluation.operating_point import threshold_for_sensitivity
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.inference.scoring import score_rows, scored
+
+    table = scored(score_rows(Predictor(path), frame))
+    chosen = threshold_for_sensitivity(table["truth"] == positive_class, table[positive_class], sensitivity)
+    point = OperatingPoint(positive_class=positive_class, threshold=chosen.threshold,
+                           rule=f"sensitivity/{positive_class} >= {sensitivity:g}", chosen_on=chosen_on,
+                           figures=chosen.as_dict())
+    checkpoint = load_checkpoint(path)
+    save_checkpoint(path, checkpoint.model, spec=checkpoint.spec.with_operating_point(point),
+                    extra=checkpoint.meta.get("extra"))
+    return point
+
+
+def test_classifier(path: Path, frame: pd.DataFrame, *, n_resamples: int = 1000) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The scored test table and its report: overall figures and per source, each with intervals."""
+    from lungscreen.evaluation.tables import figures_of, per_source
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.inference.scoring import score_rows, scored
+
+    predictor = Predictor(path)
+    table = score_rows(predictor, frame)
+    rows = scored(table)
+    classes = predictor.class_names
+    report = {"images": int(len(rows)), "patients": int(rows["patient_id"].nunique()),
+              "skipped": int((table["error"] != "").sum()),
+              "counts": {str(k): int(v) for k, v in rows["truth"].value_counts().sort_index().items()},
+              "operating_point": predictor.spec.operating_point.model_dump() if predictor.spec.operating_point else None,
+              "figures": {k: v.as_dict() for k, v in figures_of(rows, classes, n_resamples=n_resamples).items()},
+              "per_source": per_source(rows, classes, n_resamples=n_resamples)}
+    return table, report
 
 
 def score_checkpoint(path: Path, store, task: TaskSpec, objective, *,  # noqa: ANN001
@@ -63,12 +105,3 @@ def test_report(objective, kept: dict[str, np.ndarray], patients: np.ndarray, *,
     figures = bootstrap_many(np.arange(len(rows)), statistic=statistic, n_resamples=n_resamples, seed=seed,
                              groups=patients[rows])
     return {key: value.as_dict() for key, value in figures.items()}
-
-
-def write_predictions(path: Path, frame: pd.DataFrame, kept: dict[str, np.ndarray], classes: Sequence[str]) -> None:
-    """One row per test image: what it is, and best.pt's probability for each class."""
-    table = frame.loc[kept["row"], ["image_path", "patient_id", "source", "target_name"]].reset_index(drop=True)
-    table = table.rename(columns={"target_name": "truth"})
-    for column, name in enumerate(classes):
-        table[name] = kept["probs"][:, column]
-    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))

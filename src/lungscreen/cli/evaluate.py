@@ -1,0 +1,127 @@
+"""`lungscreen evaluate` and `lungscreen audit`: honest figures for a trained run, and whether it reads the lungs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from lungscreen.progress import progress_bar
+
+err = Console(stderr=True, highlight=False)
+
+RUN = typer.Argument(None, help="Run folder (with best.pt) or a checkpoint file.")
+ON = typer.Option(None, "--on", help="Manifest to score on (.parquet or .csv).")
+SPLIT = typer.Option("test", help="Split to score ('all' for every row: e.g. another hospital's data).")
+SOURCES = typer.Option(None, "--sources", help="Comma-separated sources to keep (default: all).")
+OUT = typer.Option(..., "--out", "-o", help="Folder to write into.")
+MKDIR = typer.Option(False, "--mkdir", help="Create the folder --out goes into if it does not exist.")
+
+
+def _sources(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def evaluate(
+    run: Path | None = RUN,
+    on: Path | None = ON,
+    split: str = SPLIT,
+    sources: str | None = SOURCES,
+    out_dir: Path = OUT,
+    mkdir: bool = MKDIR,
+    cross: str | None = typer.Option(None, "--cross", help="Recipe: train one run per left-out source and test each "
+                                     "on every source (needs --manifest)."),
+    manifest: Path | None = typer.Option(None, "--manifest", "-m", help="With --cross: the manifest to train and "
+                                         "test on."),
+    held_out: str | None = typer.Option(None, "--held-out", help="With --cross: comma-separated sources to leave "
+                                        "out in turn (default: every source with both classes)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="With --cross: override a recipe key."),
+    resamples: int = typer.Option(1000, min=100, help="Bootstrap resamples (whole patients) for the 95 % intervals."),
+) -> None:
+    """Score a run on a manifest split: metrics.json, predictions.csv and a self-contained report.html.
+
+    Every figure comes with a 95 % interval that resamples whole patients, per source beside the pooled
+    figure (sources holding one class only are marked), at the operating point chosen on validation. The
+    run's own training patients are refused. With --cross RECIPE --manifest M, trains one run per
+    left-out source and writes the train-source x test-source matrix (balanced accuracy, DOR, AUC, and
+    the transferred threshold's sensitivity and specificity on the left-out source).
+    """
+    from lungscreen.cli.output import ensure_folder
+    from lungscreen.errors import ConfigError
+
+    ensure_folder(out_dir, mkdir)
+    if cross is not None:
+        from lungscreen.audit.cross import cross_dataset, write_cross
+
+        if manifest is None:
+            raise ConfigError("--manifest: --cross trains runs, so it needs the manifest to train and test on")
+        result = cross_dataset(cross, manifest, out_dir, held_out=_sources(held_out), overrides=overrides,
+                               n_resamples=resamples)
+        paths = write_cross(result, out_dir)
+        err.print(f"cross-dataset matrix -> {escape(str(paths['report']))}")
+        return
+    if run is None or on is None:
+        raise ConfigError("RUN and --on: give the run to score and the manifest to score it on (or --cross RECIPE)")
+    from lungscreen.audit.evaluate import evaluate_run, write_evaluation
+
+    with progress_bar() as bar:
+        job = bar.add_task("scoring", total=None)
+        evaluation = evaluate_run(run, on, split=None if split == "all" else split, sources=_sources(sources),
+                                  n_resamples=resamples, progress=lambda done: bar.update(job, completed=done))
+    paths = write_evaluation(evaluation, out_dir)
+    figures = evaluation.figures
+    for name in ("balanced_accuracy", "sensitivity/COVID-19", "specificity/COVID-19", "auc/COVID-19"):
+        if name in figures and figures[name]["value"] == figures[name]["value"]:
+            value = figures[name]
+            err.print(f"{name}: {value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
+    single = [entry["source"] for entry in evaluation.sources if entry["single_class"]]
+    if single:
+        err.print(f"[yellow]sources with one class only (read their figures per source):[/] {escape(', '.join(single))}")
+    err.print(f"report -> {escape(str(paths['report']))}")
+
+
+def audit(
+    run: Path = typer.Argument(..., help="Run folder (with best.pt) or a checkpoint file."),
+    on: Path = typer.Option(..., "--on", help="Manifest whose held-out images to audit on."),
+    split: str = SPLIT,
+    sources: str | None = SOURCES,
+    out_dir: Path = OUT,
+    mkdir: bool = MKDIR,
+    max_images: int = typer.Option(300, min=10, help="Images audited at most (the same share of every source and "
+                                   "class)."),
+    method: str = typer.Option("gradcam", help="CAM method of the attention check: gradcam, gradcam++, scorecam, "
+                               "eigencam."),
+    seed: int = typer.Option(0, help="Seed of the image sample, the probe's folds and t-SNE."),
+) -> None:
+    """Does the model read the lungs or the hospital? audit.html (verdict first) and audit.json.
+
+    Four checks on held-out images: a t-SNE of the model's features by source and label; a probe that
+    predicts the source from the features within each label; the share of the raw Grad-CAM mass inside
+    the lungs; and a masking test (lungs only, lungs hidden). The verdict names each warning that fired,
+    with its number and threshold. Exit code 0 either way: a flagged model is a finding, not an error.
+    """
+    from lungscreen.audit.bias import audit as run_audit, write_audit
+    from lungscreen.audit.cams import check_method
+    from lungscreen.audit.evaluate import evaluation_rows
+    from lungscreen.cli.output import ensure_folder
+    from lungscreen.data.manifest import load_manifest
+    from lungscreen.inference.predict import Predictor
+
+    ensure_folder(out_dir, mkdir)
+    check_method(method, "--method")
+    predictor = Predictor(run)
+    rows = evaluation_rows(predictor, load_manifest(on), None if split == "all" else split, _sources(sources))
+    with progress_bar() as bar:
+        job = bar.add_task("auditing", total=min(len(rows), max_images))
+        result = run_audit(predictor, rows, max_images=max_images, method=method, seed=seed,
+                           progress=lambda done: bar.update(job, completed=done))
+    paths = write_audit(result, out_dir, str(predictor.checkpoint.path))
+    if result.flagged:
+        err.print("[bold yellow]shortcut suspected:[/]")
+        for warning in result.warnings:
+            err.print(f"  - {escape(warning)}")
+    else:
+        err.print("[green]no shortcut found[/] by the four checks")
+    err.print(f"audit -> {escape(str(paths['html']))}")

@@ -1,0 +1,98 @@
+"""The one scoring runner: a checkpoint and manifest rows in, one row per image out.
+
+``evaluate``, the bias audit, the training engine's test step and (through the same
+:class:`~lungscreen.inference.predict.Predictor`) ``predict`` all score images here, through the
+checkpoint's own inference spec, so every figure lungscreen reports comes from the same probabilities.
+
+The table keeps what a report needs beside the probabilities: ``image_path``, ``patient_id``, ``source``,
+``truth`` (the task's class name, when the row has one) and ``target`` (its index), one column per class,
+``prediction`` (the spec's operating point applied when it has one), ``ood`` / ``ood_score`` and ``error``.
+
+Example:
+    >>> table = score_rows(Predictor("runs/covid-resnet-cpu"), rows)            # doctest: +SKIP
+    >>> table[["source", "truth", "COVID-19", "prediction"]].head()             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from lungscreen.errors import LungscreenError
+from lungscreen.inference.predict import Predictor
+from lungscreen.io.images import read_image
+from lungscreen.preprocessing import Sample
+
+#: Manifest columns the table carries over when the rows have them.
+CARRIED = ("image_path", "patient_id", "source", "label", "split", "dup_group")
+
+
+def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32,
+               progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """Score manifest rows (from ``for_task``, with ``target``/``target_name`` when known).
+
+    Args:
+        predictor: the loaded checkpoint.
+        rows: manifest rows; ``image_path`` is required.
+        batch_size: images per forward pass.
+        progress: called with the number of rows done.
+
+    Returns:
+        One row per input row, in order (see the module docstring for the columns).
+    """
+    classes = predictor.class_names
+    table = rows[[c for c in CARRIED if c in rows.columns]].reset_index(drop=True).copy()
+    if "target_name" in rows.columns:
+        table["truth"] = rows["target_name"].to_numpy()
+        table["target"] = rows["target"].to_numpy()
+    probabilities = np.full((len(table), len(classes)), np.nan)
+    predictions = np.full(len(table), "", dtype=object)
+    errors = np.full(len(table), "", dtype=object)
+    ood, scores = np.zeros(len(table), bool), np.full(len(table), np.nan)
+    pending: list[tuple[int, Sample]] = []
+
+    def flush() -> None:
+        if pending:
+            values = predictor.probabilities([sample for _, sample in pending])
+            for (index, _), row in zip(pending, values, strict=True):
+                probabilities[index] = row
+                predictions[index] = predictor.decide(row)
+            pending.clear()
+
+    for index, path in enumerate(table["image_path"].astype(str)):
+        try:
+            sample = predictor.prepare(read_image(path).pixels)
+        except LungscreenError as error:
+            errors[index] = str(error)
+        else:
+            scores[index] = predictor.distance(sample)
+            ood[index] = bool(scores[index] > 1.0)
+            pending.append((index, sample))
+            if len(pending) >= batch_size:
+                flush()
+        if progress is not None:
+            progress(index + 1)
+    flush()
+    for column, name in enumerate(classes):
+        table[name] = probabilities[:, column]
+    table["prediction"], table["ood"], table["ood_score"], table["error"] = predictions, ood, scores, errors
+    return table
+
+
+def original_images(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows as a checkpoint must see them: a manifest ``lungscreen preprocess`` wrote points at pictures
+    its pipeline already made, while a checkpoint applies its recorded pipeline itself, so its rows are
+    scored from their original images (the same pixels in the end: the cache holds exactly that output)."""
+    if "original_image_path" in rows.columns and (rows["original_image_path"].astype(str) != "").all():
+        return rows.assign(image_path=rows["original_image_path"])
+    return rows
+
+
+def scored(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that were scored (no error) and have a known truth: what figures are computed on."""
+    keep = table["error"] == ""
+    if "target" in table.columns:
+        keep &= table["target"].notna()
+    return table[keep].reset_index(drop=True)

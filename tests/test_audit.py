@@ -1,0 +1,166 @@
+"""The audit catches a planted shortcut and passes a clean model; evaluate, audit and explain write pages that
+render in a real browser with nothing fetched and no console error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from browser import render, unavailable
+
+from lungscreen.audit.bias import audit
+from lungscreen.audit.evaluate import evaluate_run, evaluation_rows, write_evaluation
+from lungscreen.data.manifest import load_manifest
+from lungscreen.data.phantoms import Shortcut
+from lungscreen.inference.predict import Predictor
+
+#: Phantoms and a recipe that trains in about half a minute: COVID-19 against normal, one source, 128 px.
+PHANTOMS = 360
+RECIPE = {
+    "name": "audit-test", "seed": 0, "threads": 2, "precision": "32",
+    "data": {"task": "binary", "batch_size": 16, "eval_batch_size": 64, "augment": None,
+             "balance": {"method": "weighted"}},
+    "model": {"name": "resnet18", "options": {"width": 16}},
+    "stages": [{"name": "all", "epochs": 15, "image_size": 128, "train": "all",
+                "optimizer": {"name": "adam", "lr": 3.0e-3}, "schedule": {"name": "one_cycle"}}],
+}
+
+
+def phantom_manifest(root: Path, shortcut: Shortcut | None) -> Path:
+    from lungscreen.data.build import build_manifest
+    from lungscreen.data.manifest import save_manifest
+    from lungscreen.data.synth import synthesize
+
+    tree = synthesize(root / "tree", PHANTOMS, size=160, seed=11, classes=("normal", "COVID-19"),
+                      layouts=("radiography",), shortcut=shortcut, workers=2).root
+    parquet, _ = save_manifest(build_manifest([tree], seed=0, workers=2, show_progress=False).manifest, root / "m")
+    return parquet
+
+
+def trained(root: Path, manifest: Path) -> Path:
+    from lungscreen.training.config import from_dict
+    from lungscreen.training.engine import train
+
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["data"]["manifest"] = str(manifest)
+    return train(from_dict(recipe), out=root / "run", quiet=True).run_dir
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    manifest = phantom_manifest(root, None)
+    return trained(root, manifest), manifest
+
+
+@pytest.fixture(scope="module")
+def shortcut(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shortcut")
+    manifest = phantom_manifest(root, Shortcut("marker", by="label", target="COVID-19", strength=1.0))
+    return trained(root, manifest), manifest
+
+
+def audited(run: Path, manifest: Path):
+    predictor = Predictor(run)
+    return audit(predictor, evaluation_rows(predictor, load_manifest(manifest), "test"), max_images=120, seed=0)
+
+
+def test_a_planted_corner_marker_is_flagged(shortcut):
+    result = audited(*shortcut)
+    assert result.flagged, result.as_dict()
+    fired = " ".join(result.warnings)
+    assert "masking" in fired or "lung attention" in fired
+    # the shortcut model needs no lungs: hiding them leaves its answers (a clean model loses them)
+    assert result.masking["lungs hidden"]["retained_skill"] > 0.5
+
+
+def test_a_model_trained_on_clean_phantoms_is_not_flagged(clean):
+    result = audited(*clean)
+    assert not result.flagged, result.warnings
+    assert result.masking["lungs hidden"]["balanced_accuracy"] < result.masking["original"]["balanced_accuracy"]
+
+
+def test_evaluate_audit_and_explain_pages_render_in_a_browser(clean, tmp_path):
+    run, manifest = clean
+    evaluation = evaluate_run(run, manifest, split="test", n_resamples=200)
+    paths = write_evaluation(evaluation, tmp_path / "evaluation")
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["figures"]["balanced_accuracy"]["low"] <= metrics["figures"]["balanced_accuracy"]["value"]
+    assert metrics["per_source"][0]["source"] == "covid19-radiography" and metrics["operating_point"]["threshold"] > 0
+    table = pd.read_csv(paths["predictions"])
+    assert {"image_path", "patient_id", "source", "truth", "COVID-19", "prediction", "ood"} <= set(table.columns)
+
+    from lungscreen.audit.bias import write_audit
+    from lungscreen.audit.explain import explain_images
+
+    pages = {"report": paths["report"], "audit": write_audit(audited(run, manifest), tmp_path / "audit", str(run))["html"]}
+    explained = explain_images(Predictor(run), table["image_path"].head(2), tmp_path / "explain",
+                               methods=("gradcam", "eigencam"))
+    assert (explained["error"] == "").all() and explained["file"].map(lambda f: Path(f).is_file()).all()
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    for name, page in pages.items():
+        problems = render(page, tmp_path / f"{name}.png")
+        assert not problems, (name, problems)
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_cross_dataset_matrix_leaves_each_source_out(clean, tmp_path):
+    """Two sites of phantoms (both with COVID-19): one run per left-out site, every cell scored, the left-out
+    site's near-duplicates of training images excluded, the transferred threshold reported."""
+    from lungscreen.audit.cross import cross_dataset, write_cross
+    from lungscreen.data.manifest import save_manifest
+
+    _, manifest = clean
+    frame = load_manifest(manifest)
+    frame["source"] = ["site-a" if int(p.rsplit("-", 1)[-1].split(".")[0]) % 2 else "site-b"
+                       for p in frame["image_path"]]
+    frame["patient_id"] = frame["source"] + "/" + frame["patient_id"]
+    sites, _ = save_manifest(frame, tmp_path / "sites")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({**RECIPE, "stages": [{**RECIPE["stages"][0], "epochs": 3, "image_size": 64}]}))
+    result = cross_dataset(str(recipe), sites, tmp_path / "cross", n_resamples=100, quiet=True)
+    assert set(result.runs) == {"site-a", "site-b"}
+    cells = {(c["left_out"], c["tested"]): c for c in result.cells}
+    assert set(cells) == {(a, b) for a in ("site-a", "site-b") for b in ("site-a", "site-b")}
+    assert not cells[("site-a", "site-a")]["same_source"] and cells[("site-a", "site-b")]["same_source"]
+    assert cells[("site-a", "site-a")]["images"] > cells[("site-a", "site-b")]["images"]  # all of it vs a test split
+    assert result.matrix("balanced_accuracy").shape == (2, 2)
+    assert all(d["transferred_threshold"]["sensitivity"] for d in result.drops())
+    paths = write_cross(result, tmp_path / "cross")
+    assert json.loads(paths["json"].read_text())["runs"] and paths["report"].is_file()
+    # a finished run is reused, not trained again
+    stamp = (tmp_path / "cross" / "without-site-a" / "best.pt").stat().st_mtime_ns
+    cross_dataset(str(recipe), sites, tmp_path / "cross", held_out=["site-a"], n_resamples=100, quiet=True)
+    assert (tmp_path / "cross" / "without-site-a" / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_evaluate_and_audit_commands(clean, tmp_path, capsys, monkeypatch):
+    import signal
+    import sys
+
+    from lungscreen.cli import main
+
+    run, manifest = clean
+
+    def cli(*args: str) -> int:
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        monkeypatch.setattr(sys, "argv", ["lungscreen", *map(str, args)])
+        try:
+            main()
+        except SystemExit as stop:
+            return int(stop.code or 0)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        return 0
+
+    assert cli("evaluate", run, "--on", manifest, "--out", tmp_path / "e", "--resamples", "100") == 0
+    assert {"metrics.json", "predictions.csv", "report.html"} <= {p.name for p in (tmp_path / "e").iterdir()}
+    assert cli("audit", run, "--on", manifest, "--out", tmp_path / "a", "--max-images", "40") == 0
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["verdict"] in ("no shortcut found", "shortcut suspected")
+    assert cli("evaluate", run, "--on", manifest, "--split", "train", "--out", tmp_path / "t") == 2
+    assert "training set" in capsys.readouterr().err  # its own training patients are refused
