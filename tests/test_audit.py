@@ -16,14 +16,18 @@ from lungscreen.data.manifest import load_manifest
 from lungscreen.data.phantoms import Shortcut
 from lungscreen.inference.predict import Predictor
 
-#: Phantoms and a recipe that trains in about half a minute: COVID-19 against normal, one source, 128 px.
-PHANTOMS = 360
+#: Phantoms and a recipe that trains in about half a minute: bacterial pneumonia (a dense consolidation, which
+#: a small network learns from a few hundred phantoms; the faint COVID-19 haze it does not) against normal,
+#: one source (Kermany's layout), 128 px.
+PHANTOMS = 800
+TASK = {"name": "consolidation", "classes": ["normal", "bacterial"],
+        "mapping": {"normal": "normal", "bacterial": "bacterial"}}
 RECIPE = {
     "name": "audit-test", "seed": 0, "threads": 2, "precision": "32",
-    "data": {"task": "binary", "batch_size": 16, "eval_batch_size": 64, "augment": None,
+    "data": {"task": TASK, "batch_size": 16, "eval_batch_size": 64, "augment": "light",
              "balance": {"method": "weighted"}},
     "model": {"name": "resnet18", "options": {"width": 16}},
-    "stages": [{"name": "all", "epochs": 15, "image_size": 128, "train": "all",
+    "stages": [{"name": "all", "epochs": 20, "image_size": 128, "train": "all",
                 "optimizer": {"name": "adam", "lr": 3.0e-3}, "schedule": {"name": "one_cycle"}}],
 }
 
@@ -33,8 +37,8 @@ def phantom_manifest(root: Path, shortcut: Shortcut | None) -> Path:
     from lungscreen.data.manifest import save_manifest
     from lungscreen.data.synth import synthesize
 
-    tree = synthesize(root / "tree", PHANTOMS, size=160, seed=11, classes=("normal", "COVID-19"),
-                      layouts=("radiography",), shortcut=shortcut, workers=2).root
+    tree = synthesize(root / "tree", PHANTOMS, size=160, seed=11, classes=("normal", "bacterial"),
+                      layouts=("kermany",), shortcut=shortcut, workers=2).root
     parquet, _ = save_manifest(build_manifest([tree], seed=0, workers=2, show_progress=False).manifest, root / "m")
     return parquet
 
@@ -58,13 +62,17 @@ def clean(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shortcut(tmp_path_factory):
     root = tmp_path_factory.mktemp("shortcut")
-    manifest = phantom_manifest(root, Shortcut("marker", by="label", target="COVID-19", strength=1.0))
+    manifest = phantom_manifest(root, Shortcut("marker", by="label", target="bacterial", strength=1.0))
     return trained(root, manifest), manifest
 
 
 def audited(run: Path, manifest: Path):
+    """The audit with the classical lung segmentation, whatever lung model this machine has installed (a U-Net
+    trained on real films draws phantoms' lungs differently), so the test asks the same of every machine."""
     predictor = Predictor(run)
-    return audit(predictor, evaluation_rows(predictor, load_manifest(manifest), "test"), max_images=120, seed=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUNGSCREEN_LUNG_MODEL", str(run / "no-lung-model.pt"))
+        return audit(predictor, evaluation_rows(predictor, load_manifest(manifest), "test"), max_images=120, seed=0)
 
 
 def test_a_planted_corner_marker_is_flagged(shortcut):
@@ -79,7 +87,9 @@ def test_a_planted_corner_marker_is_flagged(shortcut):
 def test_a_model_trained_on_clean_phantoms_is_not_flagged(clean):
     result = audited(*clean)
     assert not result.flagged, result.warnings
-    assert result.masking["lungs hidden"]["balanced_accuracy"] < result.masking["original"]["balanced_accuracy"]
+    masking = result.masking
+    assert masking["testable"], masking  # it learnt the consolidations: the verdict is a real one
+    assert masking["lungs hidden"]["retained_skill"] < 0.5 < masking["lungs only"]["retained_skill"]
 
 
 def test_evaluate_audit_and_explain_pages_render_in_a_browser(clean, tmp_path):
@@ -88,9 +98,9 @@ def test_evaluate_audit_and_explain_pages_render_in_a_browser(clean, tmp_path):
     paths = write_evaluation(evaluation, tmp_path / "evaluation")
     metrics = json.loads(paths["metrics"].read_text())
     assert metrics["figures"]["balanced_accuracy"]["low"] <= metrics["figures"]["balanced_accuracy"]["value"]
-    assert metrics["per_source"][0]["source"] == "covid19-radiography" and metrics["operating_point"]["threshold"] > 0
+    assert metrics["per_source"][0]["source"] == "kermany" and metrics["operating_point"] is None  # no COVID-19 class
     table = pd.read_csv(paths["predictions"])
-    assert {"image_path", "patient_id", "source", "truth", "COVID-19", "prediction", "ood"} <= set(table.columns)
+    assert {"image_path", "patient_id", "source", "truth", "bacterial", "prediction", "ood"} <= set(table.columns)
 
     from lungscreen.audit.bias import write_audit
     from lungscreen.audit.explain import explain_images
@@ -116,8 +126,8 @@ def test_cross_dataset_matrix_leaves_each_source_out(clean, tmp_path):
 
     _, manifest = clean
     frame = load_manifest(manifest)
-    frame["source"] = ["site-a" if int(p.rsplit("-", 1)[-1].split(".")[0]) % 2 else "site-b"
-                       for p in frame["image_path"]]
+    patients = sorted(set(frame["patient_id"]))
+    frame["source"] = ["site-a" if patients.index(p) % 2 else "site-b" for p in frame["patient_id"]]
     frame["patient_id"] = frame["source"] + "/" + frame["patient_id"]
     sites, _ = save_manifest(frame, tmp_path / "sites")
     recipe = tmp_path / "recipe.yaml"

@@ -22,7 +22,9 @@ for that four ways, on held-out images, and states a verdict with the thresholds
 
 Lung masks come from the lung segmenter (the trained U-Net when installed, else the classical fallback,
 as the report says), drawn on the original image and carried through the run's own preprocessing, so
-they cover the same pixels as the model's input.
+they cover the same pixels as the model's input. Each lung is then replaced by its convex hull: a dense
+consolidation looks like tissue, not air, and segmenters often cut it out of the lung; hiding "the lungs"
+must hide the opacity inside them too, or the masking test would measure the segmenter's misses.
 """
 
 from __future__ import annotations
@@ -115,6 +117,13 @@ class AuditResult:
 # Collecting
 # ---------------------------------------------------------------------------------------------------------
 
+def lung_region(mask: np.ndarray) -> np.ndarray:
+    """Each connected lung replaced by its convex hull (consolidations and holes included)."""
+    from skimage.morphology import convex_hull_object
+
+    return convex_hull_object(mask, connectivity=2) if mask.any() else mask
+
+
 def sample_rows(rows: pd.DataFrame, max_images: int, seed: int = 0) -> pd.DataFrame:
     """At most ``max_images`` rows, the same share of every (source, class) cell, chosen by seed."""
     if len(rows) <= max_images:
@@ -143,7 +152,7 @@ def collect(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32,
     for index, row in enumerate(rows.itertuples(index=False)):
         try:
             pixels = read_image(row.image_path).pixels
-            mask = np.asarray(segmenter.segment(pixels), bool)
+            mask = lung_region(np.asarray(segmenter.segment(pixels), bool))
             sample = prepare(Sample(pixels, {AUDIT_LUNGS: mask}), spec.input, pipeline)
         except LungscreenError as error:  # a bad image is left out with its reason, the rest go on
             errors.append((row.image_path, str(error)))
@@ -244,11 +253,15 @@ def lung_attention(predictor: Predictor, data: AuditData, *, method: str = "grad
 
 
 def focus_class(predictor: Predictor) -> str | None:
-    """The class whose evidence should lie in the lungs: the operating point's, else COVID-19, else none."""
-    point = predictor.spec.operating_point
+    """The class whose evidence should lie in the lungs: the operating point's, else COVID-19, else the
+    disease of a normal-against-disease task; None (every image) otherwise."""
+    point, classes = predictor.spec.operating_point, predictor.class_names
     if point is not None:
         return point.positive_class
-    return "COVID-19" if "COVID-19" in predictor.class_names else None
+    if "COVID-19" in classes:
+        return "COVID-19"
+    others = [name for name in classes if name not in ("normal", "non-COVID")]
+    return others[0] if len(classes) == 2 and len(others) == 1 else None
 
 
 def masked(picture: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -316,7 +329,9 @@ def judge(result: AuditResult) -> None:
     if result.focus is not None and (attention["truth"] == result.focus).any():
         attention = attention[attention["truth"] == result.focus]
     ratios = attention["ratio"].dropna()
-    if len(ratios):
+    if len(ratios) and not result.masking["testable"]:
+        result.notes.append("lung attention not judged: a model without skill draws maps of noise")
+    elif len(ratios):
         median = float(ratios.median())
         if median < limits.attention_ratio:
             result.warnings.append(f"lung attention: median ratio {median:.2f} on {result.focus or 'all'} images "

@@ -28,9 +28,8 @@ from lungscreen.inference.predict import Predictor
 from lungscreen.inference.scoring import original_images, score_rows, scored
 from lungscreen.io.files import atomic_path
 
-#: Figures of each cell of the matrix.
-CELL_FIGURES = ("balanced_accuracy", "dor/COVID-19", "auc/COVID-19", "sensitivity/COVID-19", "specificity/COVID-19")
-POSITIVE = "COVID-19"
+#: Figures of each cell of the matrix (per-class ones of the positive class).
+CELL_FIGURES = ("balanced_accuracy", "dor", "auc", "sensitivity", "specificity")
 #: A drop of balanced accuracy on the left-out source beyond this is flagged (the intervals of a few
 #: hundred test images are about +-0.05: a larger drop is not noise).
 MEANINGFUL_DROP = 0.1
@@ -42,6 +41,7 @@ class CrossResult:
 
     recipe: str
     manifest: str
+    positive: str
     runs: dict[str, str]
     cells: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,17 +64,26 @@ class CrossResult:
                         "left_out_balanced_accuracy": None if other is None or other["single_class"]
                         else other["figures"]["balanced_accuracy"]["value"],
                         "transferred_threshold": None if other is None else {
-                            key: other["figures"].get(f"{key}/{POSITIVE}") for key in ("sensitivity", "specificity")}})
+                            key: other["figures"].get(key) for key in ("sensitivity", "specificity")}})
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "manifest": self.manifest, "runs": self.runs, "cells": self.cells,
-                "drops": self.drops()}
+        return {"recipe": self.recipe, "manifest": self.manifest, "positive_class": self.positive, "runs": self.runs,
+                "cells": self.cells, "drops": self.drops()}
 
 
-def default_left_out(frame: pd.DataFrame) -> list[str]:
-    """Every source with COVID-19 images: each is left out in turn."""
-    return sorted(frame.loc[frame["label"] == POSITIVE, "source"].unique())
+def positive_class(classes: Sequence[str]) -> str | None:
+    """The class a screening test is about: COVID-19 where the task has it, else the disease of a two-class
+    normal-against-disease task."""
+    if "COVID-19" in classes:
+        return "COVID-19"
+    others = [name for name in classes if name not in ("normal", "non-COVID")]
+    return others[0] if len(classes) == 2 and len(others) == 1 else None
+
+
+def default_left_out(rows: pd.DataFrame, positive: str) -> list[str]:
+    """Every source with images of the positive class: each is left out in turn."""
+    return sorted(rows.loc[rows["target_name"] == positive, "source"].unique())
 
 
 def left_out_rows(rows: pd.DataFrame, left_out: str) -> pd.DataFrame:
@@ -100,20 +109,22 @@ def cross_dataset(recipe: str, manifest: str | Path, out_dir: str | Path, *, hel
     frame = load_manifest(manifest)
     base = load_config(recipe, [*overrides, f"data.manifest={manifest}"])
     task = base.task()
-    if isinstance(task, dict) or POSITIVE not in task.classes:
-        raise ConfigError(f"--cross: recipe {recipe} has no {POSITIVE} class to test across sources")
+    positive = None if isinstance(task, dict) else positive_class(task.classes)
+    if positive is None:
+        raise ConfigError(f"--cross: recipe {recipe} has no COVID-19 class (nor a normal-against-disease task) to "
+                          "test across sources")
     from lungscreen.training.prepare import stage_views, task_rows
 
     rows = task_rows(frame, task, modality=base.data.modality, views=stage_views(base.data))
     sources = sorted(rows["source"].unique())
-    left_outs = list(held_out) if held_out else default_left_out(rows)
+    left_outs = list(held_out) if held_out else default_left_out(rows, positive)
     unknown = sorted(set(left_outs) - set(sources))
     if unknown:
         raise ConfigError(f"--held-out: {unknown[0]!r} is not a source of the task's rows ({', '.join(sources)})")
     if len(sources) < 2:
         raise ConfigError(f"--cross needs at least two sources; the task's rows hold {', '.join(sources)}")
     out_dir = Path(out_dir)
-    result = CrossResult(recipe, str(manifest), {})
+    result = CrossResult(recipe, str(manifest), positive, {})
     for left_out in left_outs:
         run_dir = out_dir / f"without-{left_out}"
         training = [s for s in sources if s != left_out]
@@ -129,18 +140,20 @@ def cross_dataset(recipe: str, manifest: str | Path, out_dir: str | Path, *, hel
                 rows[(rows["source"] == tested) & (rows["split"] == base.data.test_split)]
             if cell_rows.empty:
                 continue
-            result.cells.append(_cell(predictor, cell_rows, left_out, tested, n_resamples))
+            result.cells.append(_cell(predictor, cell_rows, left_out, tested, positive, n_resamples))
     return result
 
 
-def _cell(predictor: Predictor, rows: pd.DataFrame, left_out: str, tested: str, n_resamples: int) -> dict[str, Any]:
+def _cell(predictor: Predictor, rows: pd.DataFrame, left_out: str, tested: str, positive: str,
+          n_resamples: int) -> dict[str, Any]:
     table = scored(score_rows(predictor, original_images(rows)))
     figures = figures_of(table, predictor.class_names, n_resamples=n_resamples)
+    figures = {name: figures[name if name == "balanced_accuracy" else f"{name}/{positive}"] for name in CELL_FIGURES}
     present = sorted(set(table["truth"]))
     return {"left_out": left_out, "tested": tested, "same_source": tested != left_out, "images": int(len(table)),
             "patients": int(table["patient_id"].nunique()), "classes_present": present,
             "single_class": len(present) == 1,
-            "figures": {name: figures[name].as_dict() for name in CELL_FIGURES if name in figures}}
+            "figures": {name: value.as_dict() for name, value in figures.items()}}
 
 
 def write_cross(result: CrossResult, out_dir: str | Path) -> dict[str, Path]:
@@ -157,7 +170,8 @@ def cross_page(result: CrossResult):  # noqa: ANN201 - lungscreen.audit.report.P
     from lungscreen.audit.plots import matrix_figure
     from lungscreen.audit.report import Page
 
-    page = Page("Cross-dataset matrix", subtitle=f"recipe {result.recipe}, manifest {result.manifest}")
+    page = Page("Cross-dataset matrix", subtitle=f"recipe {result.recipe}, manifest {result.manifest}; positive class "
+                                                f"{result.positive}")
     drops = result.drops()
     items, worst = [], 0.0
     for drop in drops:
@@ -169,9 +183,10 @@ def cross_page(result: CrossResult):  # noqa: ANN201 - lungscreen.audit.report.P
     page.verdict("warning" if worst > MEANINGFUL_DROP else "ok",
                  "Same-source against other-source balanced accuracy", items)
     page.section("Balanced accuracy, DOR and AUC: rows trained without the source, columns tested on")
-    for figure, limits in (("balanced_accuracy", (0.0, 1.0)), ("auc/COVID-19", (0.0, 1.0)), ("dor/COVID-19", (None, None))):
+    for figure, limits in (("balanced_accuracy", (0.0, 1.0)), ("auc", (0.0, 1.0)), ("dor", (None, None))):
         matrix = result.matrix(figure)
-        page.figure(matrix_figure(matrix.to_numpy(dtype=float), list(matrix.index), list(matrix.columns), figure,
+        title = figure if figure == "balanced_accuracy" else f"{figure} of {result.positive}"
+        page.figure(matrix_figure(matrix.to_numpy(dtype=float), list(matrix.index), list(matrix.columns), title,
                                   vmin=limits[0], vmax=limits[1], row_label="left out", column_label="tested on"),
                     caption="n/a: undefined there (the tested set holds one class only).")
     page.section("Every cell, with 95 % intervals")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungscreen.data.labels import TASKS
+from lungscreen.data.labels import TASKS, Task
 from lungscreen.data.manifest import FRONTAL_VIEWS, for_task, load_manifest
 from lungscreen.errors import ConfigError, LeakageError
 from lungscreen.evaluation.tables import composition, figures_of, per_source
@@ -62,6 +62,17 @@ class Evaluation:
                 **self.extra}
 
 
+def run_task(predictor: Predictor) -> Task:
+    """The task the run learned: from its inference spec (older runs name one of the shipped tasks)."""
+    spec = predictor.spec
+    if spec.task_definition is not None:
+        return Task.from_dict(spec.task_definition)
+    if spec.task not in TASKS:
+        raise ConfigError(f"the run's task {spec.task!r} is not recorded in its checkpoint; evaluate knows "
+                          f"{', '.join(TASKS)}")
+    return TASKS[spec.task]
+
+
 def evaluation_rows(predictor: Predictor, manifest: pd.DataFrame, split: str | None,
                     sources: Sequence[str] | None = None) -> pd.DataFrame:
     """The manifest rows a run can be scored on: its task's labels, its modality and views, the split and
@@ -72,10 +83,8 @@ def evaluation_rows(predictor: Predictor, manifest: pd.DataFrame, split: str | N
         LeakageError: rows of patients the model was trained on.
     """
     spec = predictor.spec
-    if spec.task not in TASKS:
-        raise ConfigError(f"the run's task {spec.task!r} is not a named task; evaluate knows {', '.join(TASKS)}")
     views = tuple(spec.views) if spec.views else (FRONTAL_VIEWS if spec.modality == "CXR" else None)
-    rows = for_task(manifest, TASKS[spec.task], modality=spec.modality, views=views)
+    rows = for_task(manifest, run_task(predictor), modality=spec.modality, views=views)
     if split:
         if split not in set(manifest["split"]):
             raise ConfigError(f"--split: the manifest has no {split!r} rows (splits: "

@@ -75,6 +75,19 @@ class Task:
     column: str = "label"
     nested: tuple[tuple[str, str], ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (stored in a checkpoint's inference spec, so a run is evaluated on its own task)."""
+        return {"name": self.name, "classes": list(self.classes), "kind": self.kind, "column": self.column,
+                "mapping": {k: list(v) if isinstance(v, tuple) else v for k, v in self.mapping.items()},
+                "nested": [list(pair) for pair in self.nested], "description": self.description}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        kind = data.get("kind", "multiclass")
+        mapping = {str(k): tuple(v) if kind == "multilabel" else str(v) for k, v in data["mapping"].items()}
+        return cls(str(data["name"]), tuple(data["classes"]), mapping, str(data.get("description", "")), kind,
+                   str(data.get("column", "label")), tuple(tuple(pair) for pair in data.get("nested", [])))
+
     def class_of(self, value: str) -> Any:
         """The task's class (or classes) for a column value, or None when the task leaves that value out."""
         return self.mapping.get(value)

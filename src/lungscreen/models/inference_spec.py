@@ -6,7 +6,8 @@ nothing else (no consumer keeps a default of its own). It holds:
 * ``input``: the :class:`InputSpec` (size, channels, intensity
   scaling, the resolved preprocessing pipeline with the lung model's hash);
 * ``heads``: per output head its kind, class names and activation (softmax for one-of-k classes,
-  sigmoid for labels and masks);
+  sigmoid for labels and masks); ``task_definition``: the label map it learned (so a run is evaluated on
+  a manifest with its own task, even one defined inline in a recipe);
 * ``modality``, ``views`` and ``reference`` (the training inputs' intensity histogram): what the model
   was trained on, so it is not silently used on other images;
 * ``operating_point``: the threshold chosen on validation, once evaluation sets one.
@@ -158,6 +159,7 @@ class InferenceSpec(BaseModel):
     input: InputSpec
     heads: list[Head] = Field(min_length=1)
     task: str = ""
+    task_definition: dict[str, Any] | None = None
     modality: Literal["CXR", "CT"] = "CXR"
     views: list[str] | None = None
     operating_point: OperatingPoint | None = None

@@ -184,6 +184,7 @@ def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_c
     views = stage_views(plan.data)
     return InferenceSpec(input=InputSpec(size=stage.image_size, channels=in_channels, pipeline=prepared.pipeline.to_dict()),
                          heads=heads, task=task_name(task), modality=plan.data.modality,
+                         task_definition=None if isinstance(task, dict) else task.to_dict(),
                          views=list(views) if views else None, reference=reference)
 
 
