@@ -1,4 +1,5 @@
-"""Every model of the zoo exports to ONNX and runs in onnxruntime with PyTorch's outputs (within 1e-4)."""
+"""Every model of the zoo exports to ONNX and runs in onnxruntime with PyTorch's outputs (within 1e-4), every
+head of a multi-task model too."""
 
 from __future__ import annotations
 
@@ -21,19 +22,25 @@ SIDE = {"covidnet": 224, "conv8": 1024}
 @pytest.mark.parametrize("name", list_models())
 def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = create(name, num_classes=3, in_channels=1).eval()
+    info = model_info(name)
+    heads = list(info.heads) or ["logits"]
+    model = create(name, num_classes={head: 3 for head in heads} if info.heads else 3, in_channels=1).eval()
     side = SIDE.get(name, 64)
     images = torch.rand(2, 1, side, side)
     path = tmp_path / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         torch.onnx.export(model, (images,), path, dynamo=False, opset_version=17, do_constant_folding=False,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                          input_names=["image"], output_names=heads,
+                          dynamic_axes={"image": {0: "batch"}, **{head: {0: "batch"} for head in heads}})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (exported,) = session.run(None, {"image": images.numpy()})
+    exported = dict(zip(heads, session.run(heads, {"image": images.numpy()}), strict=True))
     with torch.no_grad():
-        expected = model(images).numpy()
-    segmentation = model_info(name).task == "segmentation"
-    assert exported.shape == ((2, 3, side, side) if segmentation else (2, 3))
-    np.testing.assert_allclose(exported, expected, rtol=0, atol=1e-4)
+        out = model(images)
+    expected = {head: value.numpy() for head, value in out.items()} if isinstance(out, dict) else {"logits": out.numpy()}
+    assert set(expected) == set(heads)
+    if info.task != "multitask":
+        segmentation = info.task == "segmentation"
+        assert exported["logits"].shape == ((2, 3, side, side) if segmentation else (2, 3))
+    for head in heads:
+        np.testing.assert_allclose(exported[head], expected[head], rtol=0, atol=1e-4, err_msg=head)

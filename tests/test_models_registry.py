@@ -27,7 +27,7 @@ from lungscreen.models import (
 from model_specs import spec_for
 
 ZOO = ["conv8", "covid_resnet", "covidnet", "covidnet_small", "covidnet_tiny", "densenet121", "lung_unet",
-       "resnet18", "resnet50", "squeezenet1_0", "squeezenet1_0_bypass", "squeezenet1_1", "squeezenet1_1_bypass",
+       "multichexnet", "multichexnet_cpu", "resnet18", "resnet50", "squeezenet1_0", "squeezenet1_0_bypass", "squeezenet1_1", "squeezenet1_1_bypass",
        "squeezenet_ct"]
 
 
@@ -38,6 +38,7 @@ def test_list_models_filters_with_shell_patterns_and_tasks() -> None:
     assert list_models("covidnet_*") == ["covidnet_small", "covidnet_tiny"]
     assert list_models(task="multilabel") == ["densenet121"]
     assert list_models(task="segmentation") == ["lung_unet"]
+    assert list_models(task="multitask") == ["multichexnet", "multichexnet_cpu"]
     assert list_models("nothing*") == []
 
 

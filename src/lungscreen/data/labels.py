@@ -49,8 +49,8 @@ MASK_CONVENTIONS = {
 }
 
 
-TaskKind = Literal["multiclass", "multilabel", "segmentation"]
-TASK_KINDS: tuple[str, ...] = ("multiclass", "multilabel", "segmentation")
+TaskKind = Literal["multiclass", "multilabel", "segmentation", "detection"]
+TASK_KINDS: tuple[str, ...] = ("multiclass", "multilabel", "segmentation", "detection")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ class Task:
         classes: output names in order (classes, labels or mask channels).
         mapping: column value -> class (multiclass, segmentation) or tuple of classes (multilabel).
         description: one line for tables.
-        kind: ``multiclass``, ``multilabel`` or ``segmentation``.
+        kind: ``multiclass``, ``multilabel``, ``segmentation`` or ``detection`` (boxes: of findings, from the
+            ``boxes`` column, on the rows with such boxes and on normal images; of the lungs when ``column``
+            is ``mask_convention``, drawn around the mask's lungs).
         column: the manifest column the mapping reads (``label``; ``mask_convention`` for segmentation).
         nested: (inner, outer) channel pairs whose regions nest (segmentation).
     """
@@ -164,6 +166,22 @@ TASKS: dict[str, Task] = {
          COVID: ("pneumonia", "COVID-19")},
         "multi-label findings (CheXNet style, paper 001): pneumonia, and COVID-19 as a pneumonia",
         kind="multilabel",
+    ),
+    "lesion-boxes": Task(
+        "lesion-boxes",
+        ("opacity",),
+        {label: "opacity" for label in (NORMAL, BACTERIAL, VIRAL, FUNGAL, PNEUMONIA, COVID, OTHER)},
+        "finding boxes (MultiCheXNet's detection head, paper 001): rows with boxes of findings (lung boxes left "
+        "out), and normal images as images without any",
+        kind="detection",
+    ),
+    "lung-boxes": Task(
+        "lung-boxes",
+        ("lung",),
+        {HEART_EXCLUDED: "lung", BEHIND_HEART: "lung"},
+        "one box per lung, drawn around each lung of the reference mask after augmentation (paper 001's joint "
+        "training: boxes from masks)",
+        kind="detection", column="mask_convention",
     ),
     "lungs": Task(
         "lungs",

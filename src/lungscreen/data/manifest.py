@@ -112,6 +112,15 @@ def decode_boxes(text: str) -> list[tuple[float, float, float, float, str]]:
     return [(float(x0), float(y0), float(x1), float(y1), str(name)) for x0, y0, x1, y1, name in json.loads(text)] if text else []
 
 
+#: Box labels of anatomy, not findings (Cohen's lung-box annotations): a findings detector leaves them out.
+LUNG_BOX_LABELS = frozenset({"Right Lung", "Left Lung", "lung"})
+
+
+def finding_boxes(boxes: Iterable[tuple[float, float, float, float, str]]) -> list[tuple[float, float, float, float, str]]:
+    """The boxes that mark findings (lung boxes left out)."""
+    return [box for box in boxes if box[4] not in LUNG_BOX_LABELS]
+
+
 def boxes_for_size(row: pd.Series | dict, width: int, height: int) -> list[tuple[float, float, float, float, str]]:
     """The row's boxes scaled from their stored frame to an image of ``width`` x ``height``."""
     text = row.get("boxes", "") or ""
@@ -355,14 +364,16 @@ def for_task(frame: pd.DataFrame, task: str | Task, *, modality: str = "CXR",
 
     CXR tasks keep frontal views only by default (laterals and CT stay in the manifest, filtered here).
     Rows whose value the task leaves out (unknown, other, ...) are dropped; a segmentation task keeps only
-    rows with a mask.
+    rows with a mask, a detection task rows with boxes and normal images.
     """
     task = get_task(task) if isinstance(task, str) else task
     keep = frame["modality"] == modality
     if views is not None and modality == "CXR":
         keep &= frame["view"].isin(views)
-    if task.kind == "segmentation":
+    if task.kind == "segmentation" or task.column == "mask_convention":
         keep &= frame["mask_path"].astype(str) != ""
+    elif task.kind == "detection":  # finding boxes drawn, or a normal image (nothing to draw); others unlabelled
+        keep &= frame["boxes"].map(lambda text: bool(finding_boxes(decode_boxes(str(text or ""))))) | (frame["label"] == "normal")
     rows = frame.loc[keep & frame[task.column].isin(list(task.mapping))].copy()
     rows["target"] = rows[task.column].map(task.index_of).astype("int64")
     rows["target_name"] = rows[task.column].map(lambda value: _target_name(task.class_of(value)))

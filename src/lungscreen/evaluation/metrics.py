@@ -195,6 +195,47 @@ def multilabel_figures(y_true: np.ndarray, y_score: np.ndarray, label_names: lis
     return figures
 
 
+def detection_figures(predictions: list[dict[str, np.ndarray]], truths: list[dict[str, np.ndarray]],
+                      iou_threshold: float = 0.5) -> dict[str, float]:
+    """Box figures of a set of images: ``map50`` (COCO mean average precision at IoU ``iou_threshold``, from
+    torchmetrics with the faster-coco-eval backend, not a hand-written mAP) and ``mean_iou`` (each true box's
+    best IoU with a predicted box of its image, 0 where none, averaged over the true boxes).
+
+    Args:
+        predictions: per image ``boxes`` (k, 4) xyxy, ``scores`` (k,), ``labels`` (k,).
+        truths: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,); images without boxes count too (their
+            predictions are false positives).
+
+    Raises:
+        MetricError: lists of different lengths, no image, or NaN coordinates or scores.
+    """
+    if len(predictions) != len(truths) or not truths:
+        raise MetricError(f"detection figures need one prediction per image and at least one image, got "
+                          f"{len(predictions)} predictions for {len(truths)} images")
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+    from torchvision.ops import box_iou
+
+    def tensors(item: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        out = {key: torch.as_tensor(np.asarray(item[key])) for key in keys}
+        out["boxes"] = out["boxes"].float().reshape(-1, 4)
+        out["labels"] = out["labels"].long().reshape(-1)
+        if not torch.isfinite(out["boxes"]).all() or ("scores" in out and not torch.isfinite(out["scores"]).all()):
+            raise MetricError("detection figures: NaN or infinite box coordinates or scores")
+        return out
+
+    preds = [tensors(p, ("boxes", "scores", "labels")) for p in predictions]
+    targets = [tensors(t, ("boxes", "labels")) for t in truths]
+    metric = MeanAveragePrecision(iou_type="bbox", iou_thresholds=[iou_threshold], backend="faster_coco_eval")
+    metric.update(preds, targets)
+    average_precision = float(metric.compute()["map"])
+    best = [box_iou(t["boxes"], p["boxes"]).max(dim=1).values if len(p["boxes"]) else torch.zeros(len(t["boxes"]))
+            for p, t in zip(preds, targets, strict=True) if len(t["boxes"])]
+    ious = torch.cat(best) if best else torch.zeros(0)
+    return {"map50": average_precision if average_precision >= 0 else float("nan"),  # -1: no true box at all
+            "mean_iou": float(ious.mean()) if len(ious) else float("nan")}
+
+
 def classification_report(y_true: np.ndarray, y_score: np.ndarray, class_names: list[str] | tuple[str, ...], *,
                           groups: np.ndarray | None = None, n_resamples: int = 1000, level: float = 0.95,
                           seed: int = 0) -> dict[str, Estimate]:

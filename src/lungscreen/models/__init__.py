@@ -27,6 +27,7 @@ metadata and tensors only, and are read with ``torch.load(weights_only=True)``.
 """
 
 from lungscreen.models import conv8, covidnet, densenet, resnets, squeezenet, unet  # noqa: F401  (registers them)
+from lungscreen.models import multichexnet  # noqa: F401  (registers it; its encoder is a zoo model above)
 from lungscreen.models.checkpoint import (
     Checkpoint,
     convert_v1,

@@ -52,9 +52,12 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int], in_channels:
 def complexity(
     name: str, *, input_size: int | None = None, num_classes: int = 3, in_channels: int = 1, **kwargs: object
 ) -> Complexity:
-    """Parameters and MACs of a registered model, at the paper's input size unless ``input_size`` is given."""
-    size = input_size or model_info(name).input_size
+    """Parameters and MACs of a registered model, at the paper's input size unless ``input_size`` is given
+    (a multi-task model with every head, each of ``num_classes`` outputs)."""
+    info = model_info(name)
+    size = input_size or info.input_size
+    outputs = {head: num_classes for head in info.heads} if info.task == "multitask" else num_classes
     with torch.device("meta"):
-        model = create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        model = create(name, num_classes=outputs, in_channels=in_channels, **kwargs)
     return Complexity(name, count_parameters(model), count_macs(model, size, in_channels), size, in_channels,
                       num_classes)

@@ -66,6 +66,12 @@ class DenseNet121(ZooClassifier):
             self.classifier,
         ]
 
+    def encoder_stages(self) -> list[nn.Module]:
+        body = self.body  # strides 4, 8, 16, 32, 32 (each transition halves the side)
+        return [body[:4], nn.Sequential(body.denseblock1, body.transition1),
+                nn.Sequential(body.denseblock2, body.transition2), nn.Sequential(body.denseblock3, body.transition3),
+                nn.Sequential(body.denseblock4, body.norm5, self.activation)]
+
     @staticmethod
     def imagenet_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         """torchvision's keys -> ours: old dense-layer names fixed, ``features.`` -> ``body.``, head dropped."""

@@ -62,15 +62,17 @@ class InputSpec(BaseModel):
         return self
 
 
-HeadKind = Literal["multiclass", "multilabel", "segmentation"]
-#: The activation each kind of head needs (one class of k; independent labels; pixels of masks).
-ACTIVATIONS: dict[str, str] = {"multiclass": "softmax", "multilabel": "sigmoid", "segmentation": "sigmoid"}
+HeadKind = Literal["multiclass", "multilabel", "segmentation", "detection"]
+#: The activation each kind of head needs (one class of k; independent labels; pixels of masks; anchor
+#: boxes decoded by the model's grid, :mod:`lungscreen.models.boxes`).
+ACTIVATIONS: dict[str, str] = {"multiclass": "softmax", "multilabel": "sigmoid", "segmentation": "sigmoid",
+                               "detection": "anchors"}
 #: Head kinds a model of each registry task may carry.
 MODEL_TASK_HEADS: dict[str, tuple[str, ...]] = {
     "classification": ("multiclass", "multilabel"),
     "multilabel": ("multiclass", "multilabel"),
     "segmentation": ("segmentation",),
-    "multitask": ("multiclass", "multilabel", "segmentation"),
+    "multitask": ("multiclass", "multilabel", "segmentation", "detection"),
 }
 
 
@@ -90,7 +92,7 @@ class Head(BaseModel):
     name: str = "output"
     kind: HeadKind
     classes: list[str] = Field(min_length=1)
-    activation: Literal["softmax", "sigmoid"] | None = None
+    activation: Literal["softmax", "sigmoid", "anchors"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -225,7 +227,7 @@ class InferenceSpec(BaseModel):
                 raise ConfigError(f"inference spec heads.{index}.kind is {head.kind!r} but the model is a "
                                   f"{model_task} model ({' or '.join(allowed)} heads)")
         outputs = num_classes if isinstance(num_classes, dict) else {self.heads[0].name: num_classes}
-        if [head.name for head in self.heads] != list(outputs):
+        if sorted(head.name for head in self.heads) != sorted(outputs):  # a dict of outputs: names, not order
             raise ConfigError(f"inference spec heads name {', '.join(h.name for h in self.heads)} but the model's "
                               f"outputs are {', '.join(outputs)}")
         for index, head in enumerate(self.heads):

@@ -30,6 +30,12 @@ class ZooClassifier(nn.Module):
         """Parameter groups from the input side to the head, for discriminative learning rates and freezing."""
         raise NotImplementedError
 
+    def encoder_stages(self) -> list[nn.Module]:
+        """The body as stages run one after the other, input side first, each ending at a coarser
+        resolution: the multi-scale feature maps dense heads (boxes, masks) read. Models without them cannot
+        be an encoder for :mod:`~lungscreen.models.multichexnet`."""
+        raise NotImplementedError(f"{type(self).__name__} has no encoder stages")
+
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``(N, num_classes)`` of images ``(N, in_channels, H, W)``."""
         return self.classifier(self.features(x))

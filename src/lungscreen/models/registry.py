@@ -67,6 +67,7 @@ class ModelInfo:
         task: ``"classification"``, ``"multilabel"`` or ``"segmentation"``.
         defaults: the factory's architecture options and their defaults (``create(name, **kwargs)``).
         imagenet: torchvision weights the body can start from (``"ResNet50_Weights.IMAGENET1K_V1"``), or None.
+        heads: a multi-task model's head names (``num_classes`` keys; counts build it with all of them).
     """
 
     name: str
@@ -77,6 +78,7 @@ class ModelInfo:
     task: Task = "classification"
     defaults: dict[str, Any] = field(default_factory=dict)
     imagenet: str | None = None
+    heads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ def register_model(
     task: Task = "classification",
     defaults: dict[str, Any] | None = None,
     imagenet: str | None = None,
+    heads: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator that adds a factory ``fn(*, num_classes, in_channels, **kwargs) -> nn.Module`` to the zoo.
 
@@ -115,6 +118,7 @@ def register_model(
         task: what the model predicts; decides which attributes :func:`create` requires (module docstring).
         defaults: architecture options the factory accepts, with their defaults.
         imagenet: torchvision weights name whose body the model can start from, if any.
+        heads: head names of a multi-task model.
 
     Raises:
         ValueError: a name registered twice, or an unknown task (programming errors, not user input).
@@ -135,6 +139,7 @@ def register_model(
             task=task,
             defaults=dict(defaults or {}),
             imagenet=imagenet,
+            heads=tuple(heads),
         )
         return factory
 

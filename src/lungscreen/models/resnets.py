@@ -133,6 +133,9 @@ class ResNet(ZooClassifier):
             return [self.body[:6], self.body[6:], self.classifier]
         return [self.body[:4], *self.body[4:], self.classifier]
 
+    def encoder_stages(self) -> list[nn.Module]:
+        return [self.body[:4], *self.body[4:]]  # strides 4, 4, 8, 16, 32
+
     @staticmethod
     def imagenet_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         """torchvision's ResNet keys -> ours: the body moves under ``body.``, the ImageNet head is dropped."""

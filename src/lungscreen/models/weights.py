@@ -168,9 +168,13 @@ def merge_state(
         source: named in error messages (a path, "ImageNet weights ...").
         reset_head: keep the model's fresh head instead of loading the file's (transfer to new classes).
         allow_missing: tolerate model tensors absent from ``state`` (layers the source never had).
+
+    A model's ``optional_parts`` (state-dict prefixes of heads a multi-task model may or may not have) move
+    by name: the file's heads the model lacks are left behind, the model's heads the file lacks stay fresh.
     """
     own = model.state_dict()
-    state = dict(state)
+    optional = tuple(getattr(model, "optional_parts", ()))
+    state = {key: value for key, value in state.items() if key in own or not key.startswith(optional)}
     _adapt_input_conv(model, own, state)
 
     head = head_prefix(model)
@@ -186,7 +190,7 @@ def merge_state(
     unexpected = sorted(set(state) - set(own))
     missing = sorted(
         key for key in set(own) - set(state)
-        if not key.endswith("num_batches_tracked") and not (reset_head and in_head(key))
+        if not key.endswith("num_batches_tracked") and not (reset_head and in_head(key)) and not key.startswith(optional)
     )
     mismatched = sorted(key for key in set(own) & set(state) if own[key].shape != state[key].shape)
     only_the_head_differs = not unexpected and (allow_missing or not missing) and all(map(in_head, mismatched))

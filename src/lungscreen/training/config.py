@@ -96,12 +96,15 @@ class BalanceConfig(_Section):
 
     ``covid_percent``: COVID-Net's per-batch share of positive slots; ``weighted``: draw with replacement,
     each class equally likely; ``undersample``: every epoch a fresh random subset of each class, as large
-    as the smallest class; ``none``: a plain shuffle.
+    as the smallest class; ``none``: a plain shuffle; ``alternate`` (multi-task): every batch from the images
+    labelled for one of ``heads``, the heads taking turns (an image goes with the first of them it has a
+    label for; images with none are left out of the stage).
     """
 
-    method: Literal["none", "covid_percent", "weighted", "undersample"] = "none"
+    method: Literal["none", "covid_percent", "weighted", "undersample", "alternate"] = "none"
     covid_percent: Rate = 0.5
     positive_class: str = "COVID-19"
+    heads: list[str] = Field(default_factory=list)
 
 
 class DataConfig(_Section):
@@ -178,7 +181,7 @@ class LossConfig(_Section):
     ``head_weights``: a multi-task model's head name -> weight of its loss in the sum.
     """
 
-    name: Literal["ce", "focal", "bce", "dice_bce"] | None = None
+    name: Literal["ce", "focal", "bce", "dice_bce", "yolo"] | None = None
     class_weights: Any = None
     gamma: Float = Field(2.0, ge=0)
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
@@ -198,6 +201,16 @@ class LRFindConfig(_Section):
         if self.min_lr >= self.max_lr:
             raise _fail("must be below lr_find.max_lr", "min_lr")
         return self
+
+
+class TeacherForcingConfig(_Section):
+    """Paper 001's teacher forcing of a multi-task model's box and mask heads: per batch, with probability
+    ``p`` they learn from the true positives, otherwise from the images the ``gate`` head (the findings)
+    passes at ``threshold`` (the paper uses p = 0.9)."""
+
+    p: Float = Field(0.9, ge=0, le=1)
+    gate: str = "findings"
+    threshold: Float = Field(0.5, gt=0, lt=1)
 
 
 class StageConfig(_Section):
@@ -220,6 +233,7 @@ class StageConfig(_Section):
     data: dict[str, Any] = Field(default_factory=dict)  # validated merged into the run's, by stage_data
     init_from: str | None = None
     reset_head: Bool = False
+    teacher_forcing: TeacherForcingConfig | None = None
 
 
 class MonitorConfig(_Section):

@@ -6,6 +6,7 @@ task's targets, ``patient``, ``source``, ``path`` and ``index``. The targets by 
 * multi-class: ``label`` (class index); multi-label: ``label`` (float multi-hot, one per label);
 * segmentation: ``mask`` and ``known`` (float ``(channels, S, S)``) and ``labelled`` (bool per channel),
   from :meth:`~lungscreen.data.labels.Task.segmentation_targets`;
+* detection: nothing of its own; every sample carries ``target_boxes`` ((n, 4) xyxy in input pixels);
 * multi-task: one dict of those per head, each with ``present`` (False where the image has no label
   for that head: it then adds nothing to that head's loss).
 
@@ -32,6 +33,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from lungscreen.data.labels import Task
+from lungscreen.data.manifest import LUNG_BOX_LABELS
 from lungscreen.errors import LungscreenError
 from lungscreen.models.inference_spec import InputSpec
 from lungscreen.preprocessing import Pipeline, Sample, preprocess_file, read_sample
@@ -142,6 +144,7 @@ class ManifestDataset(Dataset):
         self.store, self.image_size, self.spec, self.augment = store, image_size, spec, augment
         self.heads = dict(task) if isinstance(task, Mapping) else None
         self.task = None if self.heads else task
+        self.detection = next((t for t in (self.heads or {"": task}).values() if t.kind == "detection"), None)
         self.targets = self.frame["target"].to_numpy(dtype=np.int64)  # what class balancing counts
 
     def __len__(self) -> int:
@@ -154,7 +157,7 @@ class ManifestDataset(Dataset):
         row = self.frame.iloc[index]
         item: dict[str, Any] = {"image": normalize(image, self.spec), "patient": str(row["patient_id"]),
                                 "source": str(row["source"]), "path": str(row["image_path"]), "index": index,
-                                "boxes": boxes}
+                                "target_boxes": detection_boxes(self.detection, boxes, sample.box_labels, masks)}
         if self.heads is None:
             item.update(targets(self.task, int(row["target"]), masks, self.image_size))
         else:
@@ -190,6 +193,8 @@ def targets(task: Task, target: int, masks: torch.Tensor | None, size: int, *,
     if task.kind == "multilabel":
         hot = np.zeros(len(task.classes), np.float32) if fill else task.multi_hot(target)
         return {"label": torch.from_numpy(hot)}
+    if task.kind == "detection":
+        return {}  # the boxes travel beside the image (``boxes``), whatever the head
     if masks is None:
         if not fill:
             raise ValueError("a segmentation target needs the row's reference mask")
@@ -201,9 +206,37 @@ def targets(task: Task, target: int, masks: torch.Tensor | None, size: int, *,
     return {"mask": torch.from_numpy(mask), "known": torch.from_numpy(known), "labelled": torch.from_numpy(labelled)}
 
 
+def detection_boxes(task: Task | None, boxes: torch.Tensor, labels: Sequence[str],
+                    masks: torch.Tensor | None) -> torch.Tensor:
+    """The true boxes of an image for a detection task: the finding boxes (lung boxes left out), or for a
+    task on the mask convention one box around each lung of the (augmented) reference mask."""
+    if task is None:
+        return boxes
+    if task.column == "mask_convention":
+        return mask_boxes(masks[0]) if masks is not None else torch.zeros((0, 4))
+    keep = [label not in LUNG_BOX_LABELS for label in labels]
+    return boxes[torch.tensor(keep, dtype=torch.bool)] if len(keep) else boxes.reshape(0, 4)
+
+
+def mask_boxes(mask: torch.Tensor, min_fraction: float = 0.1) -> torch.Tensor:
+    """(n, 4) xyxy boxes around the connected regions of a mask (right and left lung), largest first,
+    leaving out specks smaller than ``min_fraction`` of the largest region (both in pixels)."""
+    import cv2
+
+    count, regions, stats, _ = cv2.connectedComponentsWithStats(mask.numpy().astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return torch.zeros((0, 4))
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    kept = [1 + i for i in np.argsort(-areas) if areas[i] >= min_fraction * areas.max()]
+    from torchvision.ops import masks_to_boxes
+
+    boxes = masks_to_boxes(torch.from_numpy(np.stack([regions == k for k in kept])))
+    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])  # pixel edges: a region's last column ends one pixel on
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors (nested per head), keep text as lists and boxes as a list (their number varies)."""
-    boxes = [sample["boxes"] for sample in samples]
-    batch = default_collate([{key: value for key, value in sample.items() if key != "boxes"} for sample in samples])
-    batch["boxes"] = boxes
+    boxes = [sample["target_boxes"] for sample in samples]
+    batch = default_collate([{key: value for key, value in sample.items() if key != "target_boxes"} for sample in samples])
+    batch["target_boxes"] = boxes
     return batch

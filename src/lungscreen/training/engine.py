@@ -57,6 +57,7 @@ from lungscreen.training.prepare import (
     Prepared,
     StagePlan,
     TaskSpec,
+    alternation_groups,
     build_initial_model,
     checkpoint_classes,
     checkpoint_of,
@@ -266,6 +267,8 @@ def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, l
             model = swap_head(model, config.model, plan.task, current=current, reset=stage.reset_head,
                               seed=config.seed + index)
         current = head_classes(plan.task)
+        if context.best is not None and head_classes(prepared.stages[context.best["stage"]].task) != current:
+            context.best = None  # the best epoch so far answers another task: this stage's epochs start afresh
         report = _run_stage(context, index, stage_dir, model, plan, offset, extra_callbacks, quiet)
         stage_reports.append(report)
         offset += stage.epochs
@@ -343,9 +346,9 @@ def _report_skipped(context: RunContext, split: str, failures: list[tuple[str, s
 
 
 def needs_masks(task: TaskSpec) -> bool:
-    """Whether the task's targets come from the rows' reference masks."""
+    """Whether the task's targets come from the rows' reference masks or boxes."""
     tasks = task.values() if isinstance(task, dict) else [task]
-    return any(t.kind == "segmentation" for t in tasks)
+    return any(t.kind in ("segmentation", "detection") for t in tasks)
 
 
 def _loaders(context: RunContext, index: int, plan: StagePlan):  # noqa: ANN202
@@ -362,7 +365,9 @@ def _loaders(context: RunContext, index: int, plan: StagePlan):  # noqa: ANN202
     val_set = ManifestDataset(_store_for(context, plan, data.val_split), stage.image_size, spec, plan.task)
     classes = getattr(plan.task, "classes", ())
     positive = classes.index(data.balance.positive_class) if data.balance.positive_class in classes else None
-    sampler = EpochSampler(train_set.targets, method=data.balance.method, batch_size=data.batch_size,
+    targets = alternation_groups(train_set.frame, plan.task, data.balance.heads) \
+        if data.balance.method == "alternate" else train_set.targets
+    sampler = EpochSampler(targets, method=data.balance.method, batch_size=data.batch_size,
                            seed=int(np.random.SeedSequence([context.config.seed, index]).generate_state(1)[0]),
                            positive=positive, covid_percent=data.balance.covid_percent, rank=env.rank,
                            world_size=env.world_size)
@@ -420,7 +425,7 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     say(f"stage {index + 1}/{len(config.stages)} {stage.name}: {stage.epochs} epoch(s) at {stage.image_size} px, "
         f"train {stage.train}, {stage.optimizer.name} lr {stage.optimizer.lr}, schedule {stage.schedule.name}")
     train_set, train_loader, val_loader = _loaders(context, index, plan)
-    objective = _objective(stage, plan, train_set.targets)
+    objective = _objective(stage, plan, train_set.targets, model, seed=config.seed + index)
     lr = stage.optimizer.lr
     if lr == "find":
         lr = _find_lr(context, index, stage_dir, model, objective, train_loader)
@@ -473,15 +478,24 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     return report
 
 
-def _objective(stage: StageConfig, plan: StagePlan, train_targets: np.ndarray):  # noqa: ANN202
-    """The stage's objective, with its class weights resolved on the training rows."""
-    from lungscreen.training.objectives import build_objective
+def _objective(stage: StageConfig, plan: StagePlan, train_targets: np.ndarray, model, *,  # noqa: ANN001, ANN202
+               seed: int = 0):
+    """The stage's objective, with its class weights resolved on the training rows, the model's anchor grid
+    (box heads) and the stage's teacher forcing."""
+    from lungscreen.training.objectives import TeacherForcing, build_objective
     from lungscreen.training.optim import resolve_class_weights
 
     weights = None
-    if not isinstance(plan.task, dict) and plan.task.kind != "segmentation":
+    if not isinstance(plan.task, dict) and plan.task.kind in ("multiclass", "multilabel"):
         weights = resolve_class_weights(stage.loss.class_weights, plan.task.classes, train_targets)
-    return build_objective(plan.task, stage.loss, weights)
+    forcing = None
+    if stage.teacher_forcing is not None:
+        gate = stage.teacher_forcing.gate
+        if not isinstance(plan.task, dict) or gate not in plan.task:
+            raise ConfigError(f"stages.{stage.name}.teacher_forcing.gate: {gate!r} is not a head of the stage's "
+                              "multi-task data.task")
+        forcing = TeacherForcing(stage.teacher_forcing.p, gate, stage.teacher_forcing.threshold, seed)
+    return build_objective(plan.task, stage.loss, weights, grid=getattr(model, "grid", None), teacher_forcing=forcing)
 
 
 def _find_lr(context: RunContext, index: int, stage_dir: Path, model, objective, loader  # noqa: ANN001
@@ -577,7 +591,10 @@ def _test(context: RunContext, plan: StagePlan, frame: pd.DataFrame) -> dict[str
         table, test = test_classifier(best, original_images(frame))
         write_atomic(context.dir / "test_predictions.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
     else:
-        objective = _objective(context.config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy())
+        from lungscreen.models import load_checkpoint
+
+        objective = _objective(context.config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy(),
+                               load_checkpoint(best).model)
         store = _store_for(context, plan, plan.data.test_split)
         kept, patients = score_checkpoint(best, store, plan.task, objective)
         tested = store.frame

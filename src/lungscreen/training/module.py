@@ -105,7 +105,7 @@ class TrainModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         outputs = self(batch["image"])
         count = len(batch["image"])
-        loss = self.objective.loss(outputs, batch)
+        loss = self.objective.validation_loss(outputs, batch)
         self._val_loss += torch.tensor([loss.detach().double().item() * count, count], dtype=torch.float64)
         self._val_kept.append(self.objective.keep(outputs, batch))
 

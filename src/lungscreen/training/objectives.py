@@ -15,12 +15,20 @@ multilabel    sigmoid BCE (class weights as           per-label AUC, sensitivity
 segmentation  soft Dice + BCE on each mask's own      Dice per image on its own channel (unknown
               channel, BCE on the pixels nesting      pixels left out), mean and per channel
               makes known in the other channels
+detection     YOLO: objectness, centre and size       mAP at IoU 0.5 and mean IoU of the true boxes
+              offsets (:mod:`~lungscreen.models.      (metrics module, torchmetrics' mAP)
+              boxes`)
 multitask     the heads' losses summed (weighted);    each head's figures, prefixed by its name
               an image without a head's label adds
               nothing to that head's loss
 ============  ======================================  =============================================
 
 Validation uses the same loss as training (a ``bce`` recipe is validated with BCE, not softmax CE).
+
+Teacher forcing (paper 001): a multi-task objective may gate its box and mask heads behind the findings
+head. Per batch, with probability ``p`` those heads learn from the ground-truth positives (images with
+boxes, or a drawn mask); otherwise from the images the findings head passes as positive, as they would
+at inference. :class:`TeacherForcing` draws from its own seeded generator, so a run replays its choices.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from lungscreen.data.labels import Task
-from lungscreen.evaluation.metrics import classification_figures, dice_iou, multilabel_figures
+from lungscreen.evaluation.metrics import classification_figures, detection_figures, dice_iou, multilabel_figures
+from lungscreen.models.boxes import AnchorGrid, detections
 from lungscreen.training.config import LossConfig
 from lungscreen.training.optim import build_loss
 
@@ -51,6 +60,10 @@ class Objective:
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
         raise NotImplementedError
+
+    def validation_loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """The loss on a validation batch (the training loss, minus any training-only choice of rows)."""
+        return self.loss(logits, batch)
 
     def activate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits.float())
@@ -152,6 +165,68 @@ class SegmentationObjective(Objective):
         return figures
 
 
+class DetectionObjective(Objective):
+    """Boxes of one-stage anchors: the loss and decoding of :class:`~lungscreen.models.boxes.AnchorGrid`.
+
+    The batch carries ``target_boxes``: a list of (n_i, 4) xyxy tensors in input pixels, one per image. What
+    validation keeps is per image (object arrays), so the bootstrap can resample images like any figure.
+
+    Args:
+        task: a detection task (its classes are the box classes).
+        grid: the model's anchor grid (``model.grid``).
+        score_threshold: score from which a decoded box counts as predicted (mAP ranks all of them).
+    """
+
+    kind = "detection"
+
+    def __init__(self, task: Task, grid: AnchorGrid, score_threshold: float = 0.05) -> None:
+        super().__init__(task)
+        self.grid, self.score_threshold = grid, score_threshold
+
+    def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        return self.grid.loss(logits, batch["target_boxes"])
+
+    def keep(self, logits: Tensor, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        found = detections(logits.detach(), self.grid, score_threshold=self.score_threshold)
+        predicted = np.empty(len(found), dtype=object)
+        truth = np.empty(len(found), dtype=object)
+        for i, (boxes, true) in enumerate(zip(found, batch["target_boxes"], strict=True)):
+            predicted[i] = {key: value.cpu().numpy() for key, value in boxes.items()}
+            truth[i] = {"boxes": true.reshape(-1, 4).cpu().numpy(), "labels": np.zeros(len(true), np.int64)}
+        return {"predicted": predicted, "truth": truth, "row": np.arange(len(found))}
+
+    def figures(self, kept: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return detection_figures(list(kept["predicted"]), list(kept["truth"]))
+
+
+class TeacherForcing:
+    """Which images the gated heads learn from in a batch (module docstring).
+
+    Args:
+        p: probability of a batch using the ground-truth positives (the paper uses 0.9).
+        gate: the head whose probabilities filter (the findings head).
+        threshold: highest probability from which the gate passes an image.
+        seed: seed of the draws.
+    """
+
+    def __init__(self, p: float, gate: str, threshold: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"teacher forcing p must be in [0, 1], got {p}")
+        self.p, self.gate, self.threshold = p, gate, threshold
+        self.generator = torch.Generator().manual_seed(seed)
+        self.forced = 0  # batches that used the ground truth, for logs and tests
+        self.draws = 0
+
+    def chosen(self, truth_positive: Tensor, gate_logits: Tensor) -> Tensor:
+        """Bool mask of the batch: the true positives (with probability p) or what the gate passes."""
+        self.draws += 1
+        if float(torch.rand((), generator=self.generator)) < self.p:
+            self.forced += 1
+            return truth_positive
+        passed = torch.sigmoid(gate_logits.detach().float()).max(dim=1).values >= self.threshold
+        return passed.to(truth_positive.device)
+
+
 class MultitaskObjective(Objective):
     """Several heads on one network; each image teaches only the heads it has labels for.
 
@@ -162,21 +237,41 @@ class MultitaskObjective(Objective):
 
     kind = "multitask"
 
-    def __init__(self, heads: Mapping[str, Objective], weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, heads: Mapping[str, Objective], weights: Mapping[str, float] | None = None,
+                 teacher_forcing: TeacherForcing | None = None) -> None:
         self.heads = dict(heads)
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in self.heads}
+        self.teacher_forcing = teacher_forcing
 
-    def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+    def gated(self, name: str) -> bool:
+        """Whether a head learns behind the teacher-forcing gate (box and mask heads, when one is set)."""
+        return self.teacher_forcing is not None and self.heads[name].kind in ("detection", "segmentation")
+
+    def learning_rows(self, name: str, outputs: Mapping[str, Tensor], batch: Mapping[str, Any],
+                      training: bool = True) -> Tensor:
+        """The images a head learns from in this batch: those with its label, and behind the gate (in
+        training) only the forced positives or those the gate passes."""
+        present = batch[name]["present"].bool()
+        if not (training and self.gated(name)):
+            return present
+        forcing = self.teacher_forcing
+        assert forcing is not None
+        return present & forcing.chosen(present & _has_content(batch, name), outputs[forcing.gate])
+
+    def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any], training: bool = True) -> Tensor:
         total = None
         for name, head in self.heads.items():
-            present = batch[name]["present"]
+            present = self.learning_rows(name, outputs, batch, training)
             if not present.any():
                 continue  # no label for this head in the batch: nothing to learn, no gradient
-            part = self.weights[name] * head.loss(outputs[name][present], _select(batch[name], present))
+            part = self.weights[name] * head.loss(outputs[name][present], _select(batch, name, present))
             total = part if total is None else total + part
         if total is None:  # a batch with no label at all still needs a graph for the optimizer step
             total = sum(output.sum() * 0.0 for output in outputs.values())
         return total
+
+    def validation_loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        return self.loss(outputs, batch, training=False)
 
     def activate(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {name: head.activate(outputs[name]) for name, head in self.heads.items()}
@@ -186,7 +281,7 @@ class MultitaskObjective(Objective):
         for name, head in self.heads.items():
             present = batch[name]["present"]
             if present.any():
-                own = head.keep(outputs[name][present], _select(batch[name], present))
+                own = head.keep(outputs[name][present], _select(batch, name, present))
                 own["row"] = np.flatnonzero(present.cpu().numpy())[own["row"]]  # rows of the whole batch
                 kept.update({f"{name}/{key}": value for key, value in own.items()})
         return kept
@@ -200,20 +295,41 @@ class MultitaskObjective(Objective):
         return figures
 
 
-def _select(targets: Mapping[str, Tensor], present: Tensor) -> dict[str, Tensor]:
-    """The rows of a head's targets where the head has a label."""
-    return {key: value[present] for key, value in targets.items() if key != "present"}
+def _select(batch: Mapping[str, Any], name: str, present: Tensor) -> dict[str, Any]:
+    """A head's targets at the rows where it learns, with the batch's boxes of those rows."""
+    selected: dict[str, Any] = {key: value[present] for key, value in batch[name].items() if key != "present"}
+    rows = torch.nonzero(present.cpu()).flatten().tolist()
+    if "target_boxes" in batch:
+        selected["target_boxes"] = [batch["target_boxes"][i] for i in rows]
+    return selected
 
 
-def build_objective(task: Task | Mapping[str, Task], loss: LossConfig, class_weights: Tensor | None = None) -> Objective:
-    """The objective of a task (head name -> task for a multi-task model; each head gets its kind's loss)."""
+def _has_content(batch: Mapping[str, Any], name: str) -> Tensor:
+    """Images that are positive for a head: at least one box, or a drawn mask pixel."""
+    present = batch[name]["present"].bool()
+    if "mask" in batch[name]:
+        return present & (batch[name]["mask"].flatten(1).amax(dim=1) > 0)
+    return present & torch.tensor([len(b) > 0 for b in batch["target_boxes"]], dtype=torch.bool, device=present.device)
+
+
+def build_objective(task: Task | Mapping[str, Task], loss: LossConfig, class_weights: Tensor | None = None, *,
+                    grid: AnchorGrid | None = None, teacher_forcing: TeacherForcing | None = None) -> Objective:
+    """The objective of a task (head name -> task for a multi-task model; each head gets its kind's loss).
+
+    ``grid``: the model's anchor grid, which a detection head needs; ``teacher_forcing``: the gate of a
+    multi-task model's box and mask heads.
+    """
     if isinstance(task, Mapping):
-        return MultitaskObjective({name: build_objective(head, loss) for name, head in task.items()},
-                                  loss.head_weights)
+        return MultitaskObjective({name: build_objective(head, loss, grid=grid) for name, head in task.items()},
+                                  loss.head_weights, teacher_forcing)
     if task.kind == "multiclass":
         return MulticlassObjective(task, loss, class_weights)
     if task.kind == "multilabel":
         return MultilabelObjective(task, loss, class_weights)
+    if task.kind == "detection":
+        if grid is None:
+            raise ValueError(f"task {task.name} predicts boxes: the model needs an anchor grid (model.grid)")
+        return DetectionObjective(task, grid)
     return SegmentationObjective(task, loss)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 import lungscreen.lungs  # noqa: F401  (registers the segment_lungs preprocessing step)
@@ -156,6 +158,18 @@ def task_rows(manifest: pd.DataFrame, task: TaskSpec, *, modality: str, views: t
     return merged.reset_index(drop=True)
 
 
+def alternation_groups(frame: pd.DataFrame, task: TaskSpec, heads: Sequence[str]) -> np.ndarray:
+    """Per training image, the position in ``heads`` of the first head it has a label for (-1: none)."""
+    if not isinstance(task, dict) or not heads or any(head not in task for head in heads):
+        known = ", ".join(task) if isinstance(task, dict) else "none: the task has one head"
+        raise ConfigError(f"data.balance.heads: alternate batches need heads of the multi-task data.task ({known}), "
+                          f"got {list(heads)}")
+    groups = np.full(len(frame), -1, dtype=np.int64)
+    for position, head in reversed(list(enumerate(heads))):
+        groups[frame[f"target/{head}"].to_numpy() >= 0] = position
+    return groups
+
+
 def stage_rows(manifest: pd.DataFrame, data: DataConfig, task: TaskSpec, key: str) -> dict[str, pd.DataFrame]:
     rows = task_rows(manifest, task, modality=data.modality, views=stage_views(data))
     if data.sources:
@@ -234,8 +248,11 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
         frames = stage_rows(manifest, data, task, key)
         build_augment(data.augment, f"{key}.augment")
         pipeline_of(data.pipeline, f"{key}.pipeline")
-        if data.balance.method != "none" and not isinstance(task, Task):
-            raise ConfigError(f"{key}.balance: a multi-task run has no single class to balance; use method none")
+        if data.balance.method not in ("none", "alternate") and not isinstance(task, Task):
+            raise ConfigError(f"{key}.balance: a multi-task run has no single class to balance; use method none "
+                              "(or alternate, batches from one head's data at a time)")
+        if data.balance.method == "alternate":
+            alternation_groups(frames[data.train_split], task, data.balance.heads)
         if data.balance.method == "covid_percent":
             positive = task.classes.index(data.balance.positive_class)
             if not (frames[data.train_split]["target"] == positive).any():
@@ -332,11 +349,15 @@ def swap_head(model, spec, task: TaskSpec, *, current: Any, reset: bool, seed: i
     from lungscreen import models
     from lungscreen.models.weights import merge_state
 
-    if not reset and current == head_classes(task):
+    wanted = head_classes(task)
+    if not reset and current == wanted:
         return model
     import torch
 
     torch.manual_seed(seed)
     fresh = models.create(spec.name, num_classes=head_sizes(task), in_channels=spec.in_channels, **spec.options)
-    merge_state(fresh, model.state_dict(), source="the previous stage", reset_head=True)
+    # a multi-task model gaining or losing heads keeps its classifier when that head's classes stay
+    kept = isinstance(current, dict) and isinstance(wanted, dict) and all(
+        current.get(name, classes) == classes for name, classes in wanted.items())
+    merge_state(fresh, model.state_dict(), source="the previous stage", reset_head=reset or not kept)
     return fresh

@@ -115,11 +115,14 @@ def default_monitor(task: TaskSpec) -> str:
         return "val/dice"
     if task.kind == "multilabel":
         return "val/macro_auc"
+    if task.kind == "detection":
+        return "val/map50"
     return "val/auc/COVID-19" if "COVID-19" in task.classes else "val/loss"
 
 
 #: Losses each kind of task can train with (None: the kind's own, the first listed).
-LOSSES = {"multiclass": ("ce", "focal", "bce"), "multilabel": ("bce",), "segmentation": ("dice_bce",)}
+LOSSES = {"multiclass": ("ce", "focal", "bce"), "multilabel": ("bce",), "segmentation": ("dice_bce",),
+          "detection": ("yolo",)}
 
 
 def check_loss(name: str | None, task: TaskSpec, key: str) -> None:

@@ -12,6 +12,11 @@ processes, the balancing of every update is kept exactly, and a resumed run repl
 item also carries its own augmentation seed (:class:`SampleKey`), so an image drawn twice in an epoch gets
 two different augmentations, and the data loader's workers need no random state of their own.
 
+MultiCheXNet's alternating training (paper 001, Algorithm 1) is one more method: ``alternate`` reads the
+targets as the *data set* of each image (its group; -1 leaves it out) and makes every batch from one group,
+the groups taking turns; a group with fewer batches starts again on a fresh order, so an epoch ends when the
+largest group has been seen once.
+
 Example:
     >>> sampler = EpochSampler([0, 0, 0, 0, 0, 0, 1], method="covid_percent", batch_size=4, positive=1)
     >>> [int(k.index == 6) for k in list(sampler)[:4]].count(1)   # 2 of 4 slots hold the positive image
@@ -26,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Sampler
 
-METHODS = ("none", "covid_percent", "weighted", "undersample")
+METHODS = ("none", "covid_percent", "weighted", "undersample", "alternate")
 
 
 class SampleKey(NamedTuple):
@@ -50,7 +55,8 @@ class EpochSampler(Sampler[SampleKey]):
 
     Args:
         targets: class index of every training image.
-        method: ``none`` (shuffle), ``covid_percent``, ``weighted`` or ``undersample``.
+        method: ``none`` (shuffle), ``covid_percent``, ``weighted``, ``undersample`` or ``alternate``
+            (``targets`` are then group numbers, -1 for images of no group).
         batch_size: the *global* batch size (all processes together); must divide by ``world_size``.
         seed: run seed; the order of an epoch depends on ``(seed, epoch)`` only.
         positive: class index given the ``covid_percent`` share of slots.
@@ -81,6 +87,8 @@ class EpochSampler(Sampler[SampleKey]):
                 raise ValueError("covid_percent balancing needs positive images in the training set")
             if (self.targets != positive).sum() == 0:
                 raise ValueError("covid_percent balancing needs negative images in the training set")
+        if method == "alternate" and not (self.targets >= 0).any():
+            raise ValueError("alternate batches need images in at least one group")
 
     @property
     def per_rank_batch(self) -> int:
@@ -126,6 +134,17 @@ class EpochSampler(Sampler[SampleKey]):
         smallest = min(int((self.targets == c).sum()) for c in classes)
         chosen = [rng.choice(np.flatnonzero(self.targets == c), size=smallest, replace=False) for c in classes]
         return rng.permutation(np.concatenate(chosen))
+
+    def _order_alternate(self, rng: np.random.Generator) -> np.ndarray:
+        """Whole batches of one group at a time, the groups in turn (module docstring)."""
+        groups = [np.flatnonzero(self.targets == g) for g in np.unique(self.targets[self.targets >= 0])]
+        rounds = max(max(1, len(members) // self.batch_size) for members in groups)
+        batches = []
+        for members in groups:
+            repeats = -(-rounds * self.batch_size // len(members))  # fresh orders until the rounds are filled
+            order = np.concatenate([rng.permutation(members) for _ in range(repeats)])
+            batches.append(order[:rounds * self.batch_size].reshape(rounds, self.batch_size))
+        return np.stack(batches, axis=1).reshape(-1)
 
     def _order_covid_percent(self, rng: np.random.Generator) -> np.ndarray:
         """COVID-Net's scheme: walk the negatives in batches; in each, hand ``covid_percent`` of the slots
