@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from training_fixtures import make_phantom_manifest
 
 from lungscreen.data.labels import TASKS
 from lungscreen.evaluation.metrics import detection_figures
 from lungscreen.models import InferenceSpec, create, load_checkpoint, save_checkpoint
 from lungscreen.models.boxes import AnchorGrid, detections
-from lungscreen.models.multichexnet import MultiCheXNet
 from lungscreen.training.config import LossConfig, from_dict
 from lungscreen.training.engine import train
 from lungscreen.training.objectives import MultitaskObjective, TeacherForcing, build_objective
+from training_fixtures import make_phantom_manifest
 
 HEADS = {"findings": 2, "boxes": 1, "mask": 2}
 
@@ -339,3 +341,43 @@ def test_a_stage_adding_heads_keeps_the_encoder_and_the_classifier():
     moved = swap_head(grown, spec, covid, current=head_classes({**first, "boxes": TASKS["lung-boxes"]}), reset=False)
     assert moved.boxes is None and moved.classifier.out_features == 2
     assert torch.equal(moved.state_dict()["stages.0.conv1.weight"], old["stages.0.conv1.weight"])
+
+
+def test_predict_gives_probabilities_boxes_and_masks_in_the_original_frame(tmp_path):
+    """A multi-task checkpoint through `predict_paths`: the filter's answer per image, boxes scaled from the
+    64 px model frame to a 128 x 96 original, mask PNGs of the original's size; stopped images get none."""
+    from PIL import Image
+
+    from lungscreen.inference.predict import Predictor, predict_paths
+
+    model = create("multichexnet_cpu", num_classes=HEADS, head_width=8).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([3.0, -3.0]))  # pneumonia 0.95: every image passes the filter
+        model.boxes.out.weight.zero_()
+        model.boxes.out.bias.zero_()
+        model.boxes.out.bias[4] = 5.0  # anchor 0 confident in every cell, centred, anchor-sized
+    spec = InferenceSpec(input={"size": 64, "channels": 1, "pipeline": {"name": "none", "steps": []}},
+                         heads=[{"name": "findings", "kind": "multilabel", "classes": ["pneumonia", "COVID-19"]},
+                                {"name": "boxes", "kind": "detection", "classes": ["opacity"]},
+                                {"name": "mask", "kind": "segmentation", "classes": ["heart-excluded", "behind"]}])
+    checkpoint = save_checkpoint(tmp_path / "m.pt", model, spec=spec)
+    image = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)).save(image)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    predictor = Predictor(checkpoint)
+    frame = predict_paths(predictor, [image], masks=masks)
+    row = frame.iloc[0]
+    assert row["pneumonia"] == pytest.approx(float(torch.sigmoid(torch.tensor(3.0))), abs=1e-5) and row["screened"]
+    boxes = np.array(json.loads(row["boxes"]))
+    found = model.screen(torch.from_numpy(predictor.prepare(np.asarray(Image.open(image), np.float32) / 255).image)
+                         .float().div(255)[None, None])[0]["boxes"]["boxes"].numpy()
+    np.testing.assert_allclose(boxes[:, :4], found * [2.0, 1.5, 2.0, 1.5], atol=0.1)  # 64 px -> 128 x 96
+    written = row["mask"].split(";")
+    assert [Path(p).name for p in written] == ["00000-wide-heart-excluded.png", "00000-wide-behind.png"]
+    assert np.asarray(Image.open(written[0])).shape == (96, 128)
+    with torch.no_grad():
+        model.classifier.bias.fill_(-6.0)  # now the filter stops every image: no boxes, no mask
+    stopped = predict_paths(Predictor(save_checkpoint(tmp_path / "n.pt", model, spec=spec)), [image], masks=masks)
+    assert not stopped.iloc[0]["screened"] and stopped.iloc[0]["boxes"] == "" and stopped.iloc[0]["mask"] == ""

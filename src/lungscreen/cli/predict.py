@@ -25,6 +25,8 @@ def predict(
     force: bool = typer.Option(False, "--force", help="Score inputs of another modality than the model's anyway "
                                "(their rows say so)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    masks: Path | None = typer.Option(None, "--masks", help="A multi-task run (MultiCheXNet): write each image's "
+                                      "predicted mask channels as PNGs in this folder (created if needed)."),
 ) -> None:
     """Write one row per image: path, a probability column per class, prediction, ood, error.
 
@@ -32,7 +34,9 @@ def predict(
     scaling). An image that cannot be read gets its reason in `error` and the rest go on; `ood` flags an
     image far from what the model was trained on (its intensity histogram against the training inputs').
     The file is written whole or not at all. Exit code 0 when at least one image was scored (the number
-    of failures is printed last), 2 when none could be.
+    of failures is printed last), 2 when none could be. A multi-task run adds `screened` (its findings head
+    passed the image on to the box and mask heads), `boxes` (JSON, original pixels, with scores) and
+    `mask` (the PNG files written under --masks).
     """
     from lungscreen.cli.output import ensure_folder
     from lungscreen.errors import ConfigError
@@ -45,12 +49,14 @@ def predict(
     if modality is not None and modality not in ("CXR", "CT"):
         raise ConfigError(f"--modality: must be CXR or CT, got {modality!r}")
     predictor = Predictor(run, modality=modality, force=force)
+    if masks is not None:
+        masks.mkdir(parents=True, exist_ok=True)
     total = sum(1 for _ in iter_image_files(*inputs))
     if total == 0:
         raise ConfigError(f"INPUTS: no image file in {', '.join(map(str, inputs))} (looked for .png, .jpg, .dcm, ...)")
     with progress_bar() as bar:
         job = bar.add_task("predicting", total=total)
-        frame = predict_paths(predictor, inputs, batch_size=batch_size,
+        frame = predict_paths(predictor, inputs, batch_size=batch_size, masks=masks,
                               progress=lambda done: bar.update(job, completed=done))
     with atomic_path(out_path) as temporary:
         if out_path.suffix.lower() == ".json":

@@ -6,6 +6,11 @@ path (:mod:`lungscreen.preprocessing.model_input`) exactly as the training image
 cannot be read or preprocessed gets a row with empty probabilities and the reason in ``error``; the batch
 goes on. A multi-frame DICOM gives one row per frame.
 
+A multi-task run (MultiCheXNet, paper 001) adds its box and mask heads through the model's filtered
+inference (``screen``): images its findings head calls negative get no boxes or mask (``screened`` is False),
+the others get ``boxes`` (JSON ``[[x0, y0, x1, y1, score], ...]`` in the original image's pixels) and, when
+a folder is given, one mask PNG per channel in the original image's frame (``mask`` names them).
+
 A model is not silently used outside what it learned: a DICOM whose modality is not the model's is
 refused (``force`` scores it, flagged), and every image's intensity histogram is compared with the
 training inputs' (the spec's reference): ``ood`` marks an image farther from it than 99 % of the training
@@ -56,12 +61,14 @@ class Predictor:
     def __init__(self, run: str | Path, *, modality: str | None = None, force: bool = False) -> None:
         self.checkpoint: Checkpoint = load_checkpoint(resolve_checkpoint(run))
         self.spec = self.checkpoint.spec
-        head = self.spec.head() if len(self.spec.heads) == 1 else None
-        if head is None or head.kind == "segmentation":
-            kind = "multi-head" if head is None else "segmentation"
-            raise ConfigError(f"{self.checkpoint.path}: a {kind} model; predict scores classifiers "
-                              "(lung models: `lungscreen lungs segment`)")
-        self.class_names = list(head.classes)
+        classifiers = [h for h in self.spec.heads if h.kind in ("multiclass", "multilabel")]
+        self.multitask = len(self.spec.heads) > 1
+        if not classifiers or (self.multitask and not hasattr(self.checkpoint.model, "screen")):
+            kind = "segmentation" if not self.multitask else "multi-head model without filtered inference (screen)"
+            raise ConfigError(f"{self.checkpoint.path}: a {kind} model; predict scores classifiers and MultiCheXNet "
+                              "runs (lung models: `lungscreen lungs segment`)")
+        self.head = classifiers[0]
+        self.class_names = list(self.head.classes)
         self.pipeline = spec_pipeline(self.spec.input)
         self.model = self.checkpoint.model.eval()
         self.force = force
@@ -93,11 +100,35 @@ class Predictor:
         return prepare(image, self.spec.input, self.pipeline)
 
     def probabilities(self, samples: Sequence[Sample]) -> np.ndarray:
-        """(N, classes) probabilities of prepared samples (the head's softmax or sigmoid)."""
+        """(N, classes) probabilities of prepared samples (the classification head's softmax or sigmoid)."""
         import torch
 
         with torch.inference_mode():
-            return self.spec.activate(self.model(to_tensor([s.image for s in samples], self.spec.input))).numpy()
+            outputs = self.model(to_tensor([s.image for s in samples], self.spec.input))
+            logits = outputs[self.head.name] if isinstance(outputs, dict) else outputs
+            return self.spec.activate(logits, self.head.name).numpy()
+
+    def screen(self, samples: Sequence[Sample], *, threshold: float = 0.5) -> list[dict[str, Any]]:
+        """A multi-task model's answer per sample, in the original image's pixels: ``probabilities``,
+        ``positive`` (the findings head passed the image), ``boxes`` ((k, 5) x0, y0, x1, y1, score) and
+        ``mask`` ((channels, H, W) bool) or None for images the filter stopped."""
+        import torch
+
+        with torch.inference_mode():
+            found = self.model.screen(to_tensor([s.image for s in samples], self.spec.input), threshold=threshold)
+        size = self.spec.input.size
+        out = []
+        for sample, result in zip(samples, found, strict=True):
+            answer = {"probabilities": result["findings"].numpy(), "positive": result["positive"], "boxes": None,
+                      "mask": None}
+            if result["boxes"] is not None:
+                boxes = sample.geometry.boxes_to_original(result["boxes"]["boxes"].numpy(), size, size)
+                answer["boxes"] = np.column_stack([boxes, result["boxes"]["scores"].numpy()])
+            if result["mask"] is not None:
+                answer["mask"] = np.stack([sample.geometry.to_original(channel >= 0.5)
+                                           for channel in result["mask"].numpy()])
+            out.append(answer)
+        return out
 
     def decide(self, probabilities: np.ndarray) -> str:
         """The predicted class: the stored operating point when there is one, else the most probable class."""
@@ -124,14 +155,17 @@ def decoded_images(path: Path) -> Iterator[tuple[int | None, ChestImage]]:
 
 
 def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, batch_size: int = 32,
-                  progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+                  progress: Callable[[int], None] | None = None, masks: Path | None = None) -> pd.DataFrame:
     """Predict every image file named in ``inputs`` or found (recursively) under folders in it.
+
+    Args:
+        masks: folder for a multi-task run's mask PNGs (one per image and mask channel); None writes none.
 
     Returns:
         One row per image (per frame for multi-frame DICOM): ``path``, ``frame``, a probability column
         per class (named by the class), ``prediction``, ``ood`` and ``ood_score`` (see the module
         docstring), ``note`` (e.g. scored despite another modality) and ``error`` (empty, or why the image
-        could not be used).
+        could not be used); a multi-task run adds ``screened``, ``boxes`` and ``mask``.
     """
     predictor = run if isinstance(run, Predictor) else Predictor(run)
     rows: list[dict[str, Any]] = []
@@ -140,15 +174,23 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
     def flush() -> None:
         if not pending:
             return
-        probabilities = predictor.probabilities([sample for _, sample in pending])
+        samples = [sample for _, sample in pending]
+        if predictor.multitask:
+            answers = predictor.screen(samples)
+            for (row_index, _), answer in zip(pending, answers, strict=True):
+                rows[row_index].update(dense_columns(predictor, answer, rows[row_index], row_index, masks))
+            probabilities = np.stack([answer["probabilities"] for answer in answers])
+        else:
+            probabilities = predictor.probabilities(samples)
         for (row_index, _), values in zip(pending, probabilities, strict=True):
             rows[row_index].update({name: float(p) for name, p in zip(predictor.class_names, values, strict=True)})
             rows[row_index]["prediction"] = predictor.decide(values)
         pending.clear()
 
     def blank(path: Path, frame: int | None) -> dict[str, Any]:
+        extra = {"screened": False, "boxes": "", "mask": ""} if predictor.multitask else {}
         return {"path": str(path), "frame": "" if frame is None else frame,
-                **{name: np.nan for name in predictor.class_names}, "prediction": "", "ood": False,
+                **{name: np.nan for name in predictor.class_names}, "prediction": "", **extra, "ood": False,
                 "ood_score": np.nan, "note": "", "error": ""}
 
     for done, path in enumerate(iter_image_files(*inputs), start=1):
@@ -172,5 +214,29 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
         if progress is not None:
             progress(done)
     flush()
-    columns = ["path", "frame", *predictor.class_names, "prediction", "ood", "ood_score", "note", "error"]
+    extra = ["screened", "boxes", "mask"] if predictor.multitask else []
+    columns = ["path", "frame", *predictor.class_names, "prediction", *extra, "ood", "ood_score", "note", "error"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def dense_columns(predictor: Predictor, answer: dict[str, Any], row: dict[str, Any], number: int,
+                  masks: Path | None) -> dict[str, Any]:
+    """A multi-task answer as row cells: whether the filter passed it, its boxes as JSON, its mask files."""
+    import json
+
+    from PIL import Image
+
+    cells: dict[str, Any] = {"screened": bool(answer["positive"]), "boxes": "", "mask": ""}
+    if answer["boxes"] is not None:
+        cells["boxes"] = json.dumps([[round(float(v), 1) for v in box[:4]] + [round(float(box[4]), 4)]
+                                     for box in answer["boxes"]])
+    if answer["mask"] is not None and masks is not None:
+        channels = next(h.classes for h in predictor.spec.heads if h.kind == "segmentation")
+        stem = f"{number:05d}-{Path(row['path']).stem}" + (f"-{row['frame']}" if row["frame"] != "" else "")
+        written = []
+        for name, channel in zip(channels, answer["mask"], strict=True):
+            path = masks / f"{stem}-{name}.png"
+            Image.fromarray(channel.astype(np.uint8) * 255).save(path)
+            written.append(str(path))
+        cells["mask"] = ";".join(written)
+    return cells

@@ -80,7 +80,7 @@ class AnchorGrid:
         The score is objectness times the class probability (objectness alone for one class).
         """
         parts = self._split(raw)
-        n, h, w, a, _ = parts.shape
+        n, h, w, _, _ = parts.shape
         gy, gx = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing="ij")
         cx = (gx[None, :, :, None] + torch.sigmoid(parts[..., 0])) * self.stride
         cy = (gy[None, :, :, None] + torch.sigmoid(parts[..., 1])) * self.stride

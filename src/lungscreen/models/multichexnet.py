@@ -208,19 +208,20 @@ class MultiCheXNet(nn.Module):
         return results
 
 
-_OPTIONS = {"backbone_options": {}, "anchors": [list(a) for a in DEFAULT_ANCHORS], "head_width": 64}
+_ANCHORS = [list(a) for a in DEFAULT_ANCHORS]
+_PAPER = {"backbone": "densenet121", "backbone_options": {}, "anchors": _ANCHORS, "head_width": 64}
+_CPU = {"backbone": "resnet18", "backbone_options": {"width": 32}, "anchors": _ANCHORS, "head_width": 32}
 
 
 @register_model("multichexnet", paper="001 MultiCheXNet", input_size=256, min_input_size=32, task="multitask",
-                heads=(FINDINGS, BOXES, MASK), defaults={"backbone": "densenet121", **_OPTIONS},
+                heads=(FINDINGS, BOXES, MASK), defaults=_PAPER,
                 description="DenseNet-121 encoder with findings, box (YOLO-style) and mask heads")
 def multichexnet(*, num_classes: Mapping[str, int], in_channels: int, **kwargs: Any) -> MultiCheXNet:
-    return MultiCheXNet(num_classes, in_channels, **{"backbone": "densenet121", **kwargs})
+    return MultiCheXNet(num_classes, in_channels, **{**_PAPER, **kwargs})
 
 
 @register_model("multichexnet_cpu", paper="001 MultiCheXNet", input_size=256, min_input_size=32, task="multitask",
-                heads=(FINDINGS, BOXES, MASK), defaults={"backbone": "resnet18", **{**_OPTIONS, "backbone_options": {"width": 32}, "head_width": 32}},
+                heads=(FINDINGS, BOXES, MASK), defaults=_CPU,
                 description="MultiCheXNet on a width-32 ResNet-18 encoder (CPU-sized)")
 def multichexnet_cpu(*, num_classes: Mapping[str, int], in_channels: int, **kwargs: Any) -> MultiCheXNet:
-    options = {"backbone": "resnet18", "backbone_options": {"width": 32}, "head_width": 32, **kwargs}
-    return MultiCheXNet(num_classes, in_channels, **options)
+    return MultiCheXNet(num_classes, in_channels, **{**_CPU, **kwargs})

@@ -65,5 +65,11 @@ class Geometry:
         out[y0:y1, x0:x1] = window
         return out.astype(bool) if is_bool else out
 
+    def boxes_to_original(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """(n, 4) xyxy boxes in a current image of ``width`` x ``height`` -> original pixels."""
+        left, top, right, bottom = self.box
+        scale = np.array([(right - left) / width, (bottom - top) / height] * 2)
+        return np.asarray(boxes, np.float64).reshape(-1, 4) * scale + np.array([left, top, left, top])
+
     def as_dict(self) -> dict[str, object]:
         return {"width": self.width, "height": self.height, "box": [round(v, 3) for v in self.box]}
