@@ -343,41 +343,66 @@ def test_a_stage_adding_heads_keeps_the_encoder_and_the_classifier():
     assert torch.equal(moved.state_dict()["stages.0.conv1.weight"], old["stages.0.conv1.weight"])
 
 
-def test_predict_gives_probabilities_boxes_and_masks_in_the_original_frame(tmp_path):
+def confident_checkpoint(tmp_path: Path, findings_bias: float = 3.0) -> tuple[Path, torch.nn.Module]:
+    """A three-head checkpoint whose findings head calls every image pneumonia (0.95 for bias 3) and whose
+    box head is confident at anchor 0 of every cell."""
+    model = create("multichexnet_cpu", num_classes=HEADS, head_width=8).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([findings_bias, -3.0]))
+        model.boxes.out.weight.zero_()
+        model.boxes.out.bias.zero_()
+        model.boxes.out.bias[4] = 5.0
+    spec = InferenceSpec(input={"size": 64, "channels": 1, "pipeline": {"name": "none", "steps": []}},
+                         heads=[{"name": "findings", "kind": "multilabel", "classes": ["pneumonia", "COVID-19"]},
+                                {"name": "boxes", "kind": "detection", "classes": ["opacity"]},
+                                {"name": "mask", "kind": "segmentation", "classes": ["heart-excluded", "behind"]}])
+    return save_checkpoint(tmp_path / f"m{findings_bias}.pt", model, spec=spec), model
+
+
+@pytest.fixture
+def wide_image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    image = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)).save(image)
+    return image
+
+
+def test_predict_gives_probabilities_boxes_and_masks_in_the_original_frame(tmp_path, wide_image):
     """A multi-task checkpoint through `predict_paths`: the filter's answer per image, boxes scaled from the
     64 px model frame to a 128 x 96 original, mask PNGs of the original's size; stopped images get none."""
     from PIL import Image
 
     from lungscreen.inference.predict import Predictor, predict_paths
 
-    model = create("multichexnet_cpu", num_classes=HEADS, head_width=8).eval()
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.tensor([3.0, -3.0]))  # pneumonia 0.95: every image passes the filter
-        model.boxes.out.weight.zero_()
-        model.boxes.out.bias.zero_()
-        model.boxes.out.bias[4] = 5.0  # anchor 0 confident in every cell, centred, anchor-sized
-    spec = InferenceSpec(input={"size": 64, "channels": 1, "pipeline": {"name": "none", "steps": []}},
-                         heads=[{"name": "findings", "kind": "multilabel", "classes": ["pneumonia", "COVID-19"]},
-                                {"name": "boxes", "kind": "detection", "classes": ["opacity"]},
-                                {"name": "mask", "kind": "segmentation", "classes": ["heart-excluded", "behind"]}])
-    checkpoint = save_checkpoint(tmp_path / "m.pt", model, spec=spec)
-    image = tmp_path / "wide.png"
-    Image.fromarray((np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)).save(image)
+    checkpoint, model = confident_checkpoint(tmp_path)
     masks = tmp_path / "masks"
     masks.mkdir()
     predictor = Predictor(checkpoint)
-    frame = predict_paths(predictor, [image], masks=masks)
-    row = frame.iloc[0]
+    row = predict_paths(predictor, [wide_image], masks=masks).iloc[0]
     assert row["pneumonia"] == pytest.approx(float(torch.sigmoid(torch.tensor(3.0))), abs=1e-5) and row["screened"]
     boxes = np.array(json.loads(row["boxes"]))
-    found = model.screen(torch.from_numpy(predictor.prepare(np.asarray(Image.open(image), np.float32) / 255).image)
-                         .float().div(255)[None, None])[0]["boxes"]["boxes"].numpy()
-    np.testing.assert_allclose(boxes[:, :4], found * [2.0, 1.5, 2.0, 1.5], atol=0.1)  # 64 px -> 128 x 96
+    pixels = np.asarray(Image.open(wide_image), np.float32) / 255
+    found = model.screen(torch.from_numpy(predictor.prepare(pixels).image).float().div(255)[None, None])[0]
+    np.testing.assert_allclose(boxes[:, :4], found["boxes"]["boxes"].numpy() * [2.0, 1.5, 2.0, 1.5], atol=0.1)
     written = row["mask"].split(";")
     assert [Path(p).name for p in written] == ["00000-wide-heart-excluded.png", "00000-wide-behind.png"]
     assert np.asarray(Image.open(written[0])).shape == (96, 128)
-    with torch.no_grad():
-        model.classifier.bias.fill_(-6.0)  # now the filter stops every image: no boxes, no mask
-    stopped = predict_paths(Predictor(save_checkpoint(tmp_path / "n.pt", model, spec=spec)), [image], masks=masks)
-    assert not stopped.iloc[0]["screened"] and stopped.iloc[0]["boxes"] == "" and stopped.iloc[0]["mask"] == ""
+    stopped_checkpoint, _ = confident_checkpoint(tmp_path, findings_bias=-6.0)  # the filter stops every image
+    stopped = predict_paths(Predictor(stopped_checkpoint), [wide_image], masks=masks).iloc[0]
+    assert not stopped["screened"] and stopped["boxes"] == "" and stopped["mask"] == ""
+
+
+def test_explain_draws_the_boxes_and_explains_the_findings_head(tmp_path, wide_image):
+    from PIL import Image
+
+    from lungscreen.audit.explain import explain_images
+
+    checkpoint, _ = confident_checkpoint(tmp_path)
+    rows = explain_images(checkpoint, [wide_image], tmp_path / "out", methods=["gradcam"], faithfulness=False)
+    row = rows.iloc[0]
+    assert row["error"] == "" and row["class"] == "pneumonia"
+    picture = np.asarray(Image.open(row["file"]))
+    assert picture.shape == (96, 128, 3)
+    assert ((picture[..., 0] == 255) & (picture[..., 1] == 255) & (picture[..., 2] == 0)).any()  # yellow boxes

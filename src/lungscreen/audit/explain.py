@@ -114,9 +114,9 @@ def explain_sample(predictor: Predictor, pixels: np.ndarray, methods: Sequence[s
     seen = _seen(sample)
     out = []
     for method in methods:
-        cam = class_activation_maps(predictor.model, inputs, [index], method)
-        road = (float(road_faithfulness(predictor.model, inputs, cam, [index],
-                                        activation=predictor.spec.head().activation)[0]) if faithfulness else np.nan)
+        cam = class_activation_maps(predictor.classifier, inputs, [index], method)
+        road = (float(road_faithfulness(predictor.classifier, inputs, cam, [index],
+                                        activation=predictor.head.activation)[0]) if faithfulness else np.nan)
         original = sample.geometry.to_original(cam[0])
         ratio = lung_attention_ratio(original[seen], lungs[seen]) if lungs is not None else np.nan
         out.append(Explanation(method, predictor.class_names[index], float(probabilities[index]), cam[0], original,
@@ -135,9 +135,11 @@ def _seen(sample: Sample) -> np.ndarray:
     return sample.geometry.to_original(np.ones((side, side), bool))
 
 
-def overlay(pixels: np.ndarray, cam: np.ndarray, lungs: np.ndarray | None, caption: str) -> np.ndarray:
+def overlay(pixels: np.ndarray, cam: np.ndarray, lungs: np.ndarray | None, caption: str, *,
+            boxes: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 picture: the gray image, the map in the jet colours with opacity following its strength
-    (scaled by its own maximum for display only), the lung contour in green, the caption on top."""
+    (scaled by its own maximum for display only), the lung contour in green, the caption on top; a
+    multi-task model's predicted mask contour in cyan and its boxes in yellow with their scores."""
     gray = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB).astype(np.float32)
     peak = float(cam.max())
@@ -150,6 +152,13 @@ def overlay(pixels: np.ndarray, cam: np.ndarray, lungs: np.ndarray | None, capti
     if lungs is not None and lungs.any():
         contours, _ = cv2.findContours(lungs.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(picture, contours, -1, (0, 255, 0), thickness)
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(picture, contours, -1, (0, 255, 255), thickness)
+    for x0, y0, x1, y1, score in (boxes if boxes is not None else []):
+        cv2.rectangle(picture, (int(x0), int(y0)), (int(x1), int(y1)), (255, 255, 0), thickness)
+        cv2.putText(picture, f"{score:.2f}", (int(x0) + 2, int(y1) - 3), cv2.FONT_HERSHEY_SIMPLEX,
+                    max(0.3, min(height, width) / 900), (255, 255, 0), thickness, cv2.LINE_AA)
     _caption(picture, caption)
     return picture
 
@@ -211,12 +220,15 @@ def _explain_one(predictor: Predictor, path: Path, frame: int | None, image: Any
         lungs, lung_note = _lungs(segmenter, image.pixels)
         explanations = explain_sample(predictor, image.pixels, methods, target=index, lungs=lungs,
                                       faithfulness=faithfulness)
+        dense = predictor.screen([predictor.prepare(image.pixels)])[0] if predictor.multitask else {}
     except LungscreenError as error:
         return [_row(path, frame, error=str(error))]
+    mask = dense.get("mask")
     rows = []
     for item in explanations:
         stem = _unique(names, f"{path.stem}{'' if frame is None else f'-f{frame}'}.{_slug(item.method)}")
-        picture = overlay(image.pixels, item.original, lungs, f"{item.class_name} {item.probability:.2f} ({item.method})")
+        picture = overlay(image.pixels, item.original, lungs, f"{item.class_name} {item.probability:.2f} ({item.method})",
+                          boxes=dense.get("boxes"), mask=mask[0] if mask is not None else None)
         file = _write_png(out_dir / f"{stem}.png", picture)
         map_file = _write_map(out_dir / f"{stem}.npy", item.original) if save_maps else ""
         rows.append(_row(path, frame, method=item.method, **{"class": item.class_name}, probability=item.probability,

@@ -36,6 +36,7 @@ from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import iter_image_files
 from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
 from lungscreen.models import Checkpoint, load_checkpoint, resolve_checkpoint
+from lungscreen.models.layers import HeadOf
 from lungscreen.preprocessing import Sample
 from lungscreen.preprocessing.model_input import prepare, reference_distance, spec_pipeline, to_tensor
 
@@ -71,6 +72,8 @@ class Predictor:
         self.class_names = list(self.head.classes)
         self.pipeline = spec_pipeline(self.spec.input)
         self.model = self.checkpoint.model.eval()
+        #: the classification head alone (logits tensor out): what Grad-CAM explains
+        self.classifier = HeadOf(self.model, self.head.name).eval() if self.multitask else self.model
         self.force = force
         if modality is not None and modality != self.spec.modality and not force:
             raise ConfigError(f"--modality: the inputs are {modality} but {self.checkpoint.path} was trained on "

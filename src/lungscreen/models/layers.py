@@ -41,6 +41,28 @@ class ZooClassifier(nn.Module):
         return self.classifier(self.features(x))
 
 
+class HeadOf(nn.Module):
+    """One head's output of a multi-head model as a plain module: what Grad-CAM hooks (a tensor out, the
+    model's ``cam_layer``) and what a single-output export takes.
+
+    Example:
+        >>> findings = HeadOf(model, "findings")          # doctest: +SKIP
+        >>> findings(images).shape                         # doctest: +SKIP
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, model: nn.Module, head: str) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.model.cam_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)[self.head]
+
+
 class AdaptiveConcatPool2d(nn.Module):
     """Global max and average pooling side by side (fastai's ``AdaptiveConcatPool2d``): ``(N, C, H, W) -> (N, 2C)``.
 
