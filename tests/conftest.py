@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,21 @@ def isolated_user_files(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LUNGSCREEN_CACHE"] = str(home / "cache")
     os.environ["XDG_DATA_HOME"] = str(home / "data")
     os.environ["XDG_CACHE_HOME"] = str(home / "cache-home")
+
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Run:
+    """``cli(*arguments)`` -> (exit code, stdout, stderr) of ``lungscreen ARGUMENTS`` run in this process."""
+    from lungscreen.cli import main
+
+    def run(*arguments: object) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lungscreen", *map(str, arguments)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        return int(exit_info.value.code or 0), captured.out, captured.err
+
+    return run

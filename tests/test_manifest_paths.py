@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from conftest import Run
 from lungscreen.data.manifest import listed_files, load_manifest, missing_files, save_manifest
 from lungscreen.data.synth import synthesize
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Run:
-    """``cli(*arguments)`` -> (exit code, stdout, stderr) of ``lungscreen ARGUMENTS`` run in this process."""
-    from lungscreen.cli import main
-
-    def run(*arguments: object) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["lungscreen", *map(str, arguments)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        captured = capsys.readouterr()
-        return int(exit_info.value.code or 0), captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,7 @@ def _explain_one(predictor: Predictor, path: Path, frame: int | None, image: Any
     """Rows (and files) of one decoded image; an image the model cannot take gives one error row."""
     try:
         note = predictor.check_modality(image)
-        lungs, lung_note = _lungs(segmenter, image.pixels)
+        lungs, lung_note = lungs_on(segmenter, image.pixels)
         explanations = explain_sample(predictor, image.pixels, methods, target=index, lungs=lungs,
                                       faithfulness=faithfulness)
         dense = predictor.screen([predictor.prepare(image.pixels)])[0] if predictor.multitask else {}
@@ -237,7 +237,7 @@ def _explain_one(predictor: Predictor, path: Path, frame: int | None, image: Any
     return rows
 
 
-def _lungs(segmenter: Any, pixels: np.ndarray) -> tuple[np.ndarray | None, str]:
+def lungs_on(segmenter: Any, pixels: np.ndarray) -> tuple[np.ndarray | None, str]:
     """The lung mask on the original image and a note when there is none to measure against."""
     try:
         with warnings.catch_warnings():

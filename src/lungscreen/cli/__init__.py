@@ -53,6 +53,9 @@ def _register() -> None:
 
     app.add_typer(lungs_cli.app, name="lungs")
     app.command("preprocess")(preprocess_cli.preprocess)
+    from lungscreen.cli import serve as serve_cli  # noqa: E402
+
+    app.command("serve")(serve_cli.serve)
 
 
 def main() -> None:

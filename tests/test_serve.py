@@ -1,0 +1,190 @@
+"""The web viewer: its API, its guards, its command line, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from browser import CHROMIUM_ARGS, chromium_path, unavailable
+from lungscreen.inference.predict import Predictor
+from lungscreen.lungs.segmenter import ClassicalSegmenter
+from lungscreen.models import OperatingPoint, create, save_checkpoint
+from lungscreen.serve import create_app
+from model_specs import spec_for
+
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small classifier with an operating point on COVID-19 (untrained weights: the viewer, not the model,
+    is under test)."""
+    torch.manual_seed(0)
+    model = create("resnet18", num_classes=3, width=8)
+    point = OperatingPoint(positive_class="COVID-19", threshold=0.3, rule="sensitivity/COVID-19 >= 0.95",
+                           chosen_on="val split", figures={})
+    spec = spec_for(CLASSES).with_operating_point(point)
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", model, spec=spec, extra={"run": "viewer-test"})
+
+
+def client_for(checkpoint: Path, **options) -> TestClient:
+    return TestClient(create_app(Predictor(checkpoint), segmenter=ClassicalSegmenter(), **options))
+
+
+def png_bytes(side: int = 96) -> bytes:
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((side, side + 20)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_page_and_model_summary(checkpoint):
+    client = client_for(checkpoint)
+    assert client.get("/health").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and "lungscreen" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/viewer.js").status_code == 200
+    assert client.get("/static/..%2F..%2Fapp.py").status_code == 404
+    model = client.get("/model").json()
+    assert model["classes"] == CLASSES and model["operating_point"]["threshold"] == 0.3
+    assert model["run"] == "viewer-test" and "not a diagnostic device" in model["disclaimer"]
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_returns_probabilities_pictures_and_the_decision(checkpoint):
+    answer = client_for(checkpoint).post("/predict", files={"file": ("chest.png", png_bytes(), "image/png")}).json()
+    probabilities = answer["probabilities"]
+    assert list(probabilities) == CLASSES and sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    decided = "COVID-19" if probabilities["COVID-19"] >= 0.3 else max(["normal", "pneumonia"], key=probabilities.get)
+    assert answer["prediction"] == decided
+    for picture in answer["pictures"].values():
+        assert picture.startswith("data:image/png;base64,")
+    assert answer["image"]["width"] == 116 and answer["image"]["height"] == 96
+
+
+def test_a_dicom_upload_keeps_its_identity(checkpoint, shared_data):
+    dicom = next((shared_data / "dicom").glob("*.dcm"))
+    answer = client_for(checkpoint).post("/predict", files={"file": ("x.bin", dicom.read_bytes(), "text/plain")})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["image"]["format"] == "DICOM" and answer.json()["image"]["sop_instance_uid"]
+
+
+def test_oversize_uploads_are_refused_before_decoding(checkpoint):
+    client = client_for(checkpoint, max_upload=4096)
+    response = client.post("/predict", files={"file": ("big.png", png_bytes(300), "image/png")})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("content", [b"just some text, not an image" * 10, b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50])
+def test_content_is_judged_by_its_bytes(checkpoint, content):
+    response = client_for(checkpoint).post("/predict", files={"file": ("chest.png", content, "image/png")})
+    assert response.status_code == 415, response.text
+    assert "PNG" in response.json()["detail"]
+
+
+def test_a_hostile_file_name_is_only_a_name(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = Path("/etc/passwd").read_bytes()
+    response = client_for(checkpoint).post("/predict", files={"file": ("../../etc/passwd", png_bytes(), "image/png")})
+    assert response.status_code == 200
+    assert Path("/etc/passwd").read_bytes() == before and list(tmp_path.iterdir()) == []
+
+
+def test_a_token_guards_everything_but_health(checkpoint):
+    client = client_for(checkpoint, token="s3cret")
+    assert client.get("/health").status_code == 200
+    assert client.get("/model").status_code == 401
+    assert client.get("/model", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    upload = {"file": ("chest.png", png_bytes(), "image/png")}
+    assert client.post("/predict", files=upload).status_code == 401
+    assert client.post("/predict", files=upload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_serve_refuses_an_open_host_without_a_token(cli, checkpoint):
+    code, _, stderr = cli("serve", str(checkpoint), "--host", "0.0.0.0")
+    assert code == 2 and "needs --token" in stderr
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_crafted_pickle_is_not_a_model(cli, tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "marker.txt"
+    with evil.open("wb") as handle:
+        pickle.dump({"state_dict": Payload(marker)}, handle)
+    code, _, stderr = cli("serve", str(evil))
+    assert code == 2 and not marker.exists(), stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(checkpoint):
+    """The viewer on a free loopback port in a thread, as `lungscreen serve` runs it."""
+    import uvicorn
+
+    port = free_port()
+    app = create_app(Predictor(checkpoint), segmenter=ClassicalSegmenter())
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_page_shows_an_answer_in_headless_chromium(server, shared_data, tmp_path):
+    """Upload a real radiograph through the page; the probabilities and the overlay appear, nothing errs."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    image = next((shared_data / "covid19-radiography-database").rglob("*.png"))
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(120_000)
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.on("request", lambda request: request.url.startswith((server, "data:")) or problems.append(request.url))
+            page.goto(server, wait_until="load")
+            page.wait_for_function("document.getElementById('model').textContent.includes('resnet18')")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#result:not([hidden])")
+            rows = page.locator("#probabilities tbody tr")
+            assert rows.count() == 3 and "COVID-19" in rows.all_inner_texts()[2]
+            assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+            assert page.evaluate("document.getElementById('overlay').naturalWidth") > 0
+            assert "Operating point: COVID-19" in page.inner_text("#operating-point")
+            page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert (tmp_path / "viewer.png").stat().st_size > 10_000
