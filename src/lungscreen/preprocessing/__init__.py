@@ -9,6 +9,7 @@ See :mod:`lungscreen.preprocessing.pipelines` for the named chains and how a che
 :mod:`lungscreen.preprocessing.cache` for ``preprocess_manifest`` / ``preprocess_file``.
 """
 
+from lungscreen.preprocessing import ct  # noqa: F401  (registers the CT steps)
 from lungscreen.preprocessing.cache import (
     PreprocessCache,
     PreprocessResult,

@@ -9,6 +9,8 @@
 ``tartaglione`` ``equalize``, ``segment_lungs``, ``apply_lung_mask(blur_radius=3)``, ``normalize``
                 (paper 000: equalize, U-Net lungs, mask blurred 3 px, keep the lungs, [0, 1]).
 ``lungcrop``    ``tartaglione`` followed by ``crop_to_lungs(margin=0.05)``, ``normalize``.
+``ctcrop``      ``crop_to_body(margin=0.02)``, ``percentile_window(1, 99)``, ``normalize`` (CT slices cut
+                from papers: :mod:`lungscreen.preprocessing.ct`).
 =============== ===================================================================================
 
 Any parameter can be changed by name (``get_pipeline("tartaglione", {"apply_lung_mask.blur_radius": 5})``),
@@ -127,6 +129,8 @@ PIPELINES: dict[str, list[dict[str, Any]]] = {
     "clahe": [{"name": "clahe", "clip_limit": 2.0, "tile_grid": 8}, {"name": "normalize"}],
     "tartaglione": _TARTAGLIONE,
     "lungcrop": _TARTAGLIONE[:-1] + [{"name": "crop_to_lungs", "margin": 0.05}, {"name": "normalize"}],
+    "ctcrop": [{"name": "crop_to_body", "margin": 0.02}, {"name": "percentile_window", "low": 1.0, "high": 99.0},
+               {"name": "normalize"}],
 }
 
 
