@@ -213,6 +213,18 @@ class TeacherForcingConfig(_Section):
     threshold: Float = Field(0.5, gt=0, lt=1)
 
 
+class SimCLRConfig(_Section):
+    """Settings of an ``objective: simclr`` stage (:mod:`lungscreen.training.contrastive`): the NT-Xent
+    ``temperature``, the projection head's ``hidden_dim`` and ``out_dim``, and the two-view transform's
+    smallest crop share ``min_scale`` and largest ``rotation`` (degrees)."""
+
+    temperature: Float = Field(0.1, gt=0)
+    hidden_dim: Int = Field(512, gt=0)
+    out_dim: Int = Field(128, gt=0)
+    min_scale: Float = Field(0.3, gt=0, le=1)
+    rotation: Float = Field(15.0, ge=0, le=180)
+
+
 class StageConfig(_Section):
     """One stage of a recipe: a size, a number of epochs, what trains and how.
 
@@ -234,6 +246,8 @@ class StageConfig(_Section):
     init_from: str | None = None
     reset_head: Bool = False
     teacher_forcing: TeacherForcingConfig | None = None
+    objective: Literal["supervised", "simclr"] = "supervised"  # simclr: self-supervised, labels unused
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
 
 
 class MonitorConfig(_Section):

@@ -52,6 +52,7 @@ from lungscreen.models.inference_spec import Head, InferenceSpec, InputSpec, Int
 from lungscreen.preprocessing.model_input import intensity_reference
 from lungscreen.training.callbacks import is_finite, make_callbacks
 from lungscreen.training.config import StageConfig, TrainConfig, from_dict, to_raw
+from lungscreen.training.contrastive import unwrapped
 from lungscreen.training.prepare import (
     DistEnv,
     Prepared,
@@ -170,7 +171,7 @@ class RunContext:
             return
         extra = {"best": self.best, "run": self.config.name, "seed": self.config.seed,
                  "train_patients": self.train_patients}
-        save_checkpoint(self.dir / "best.pt", module.model, spec=self.spec(stage_index), extra=extra)
+        save_checkpoint(self.dir / "best.pt", unwrapped(module.model), spec=self.spec(stage_index), extra=extra)
         write_json(self.dir / "best.json", self.best)
 
 
@@ -267,8 +268,6 @@ def _run(config: TrainConfig, prepared: Prepared, run_dir: Path, env: DistEnv, l
             model = swap_head(model, config.model, plan.task, current=current, reset=stage.reset_head,
                               seed=config.seed + index)
         current = head_classes(plan.task)
-        if context.best is not None and head_classes(prepared.stages[context.best["stage"]].task) != current:
-            context.best = None  # the best epoch so far answers another task: this stage's epochs start afresh
         report = _run_stage(context, index, stage_dir, model, plan, offset, extra_callbacks, quiet)
         stage_reports.append(report)
         offset += stage.epochs
@@ -360,14 +359,22 @@ def _loaders(context: RunContext, index: int, plan: StagePlan):  # noqa: ANN202
 
     stage, data, env = context.config.stages[index], plan.data, context.env
     spec = context.spec(index).input
-    train_set = ManifestDataset(_store_for(context, plan, data.train_split), stage.image_size, spec,
-                                plan.task, build_augment(data.augment))
-    val_set = ManifestDataset(_store_for(context, plan, data.val_split), stage.image_size, spec, plan.task)
+    train_store, val_store = _store_for(context, plan, data.train_split), _store_for(context, plan, data.val_split)
+    if stage.objective == "simclr":
+        from lungscreen.training.contrastive import TwoViewDataset
+
+        views = {"min_scale": stage.simclr.min_scale, "rotation": stage.simclr.rotation}
+        train_set = TwoViewDataset(train_store, stage.image_size, spec, plan.task, **views)
+        val_set = TwoViewDataset(val_store, stage.image_size, spec, plan.task, **views)
+    else:
+        train_set = ManifestDataset(train_store, stage.image_size, spec, plan.task, build_augment(data.augment))
+        val_set = ManifestDataset(val_store, stage.image_size, spec, plan.task)
     classes = getattr(plan.task, "classes", ())
     positive = classes.index(data.balance.positive_class) if data.balance.positive_class in classes else None
     targets = alternation_groups(train_set.frame, plan.task, data.balance.heads) \
         if data.balance.method == "alternate" else train_set.targets
-    sampler = EpochSampler(targets, method=data.balance.method, batch_size=data.batch_size,
+    method = data.balance.method if stage.objective == "supervised" else "none"  # no labels to balance
+    sampler = EpochSampler(targets, method=method, batch_size=data.batch_size,
                            seed=int(np.random.SeedSequence([context.config.seed, index]).generate_state(1)[0]),
                            positive=positive, covid_percent=data.balance.covid_percent, rank=env.rank,
                            world_size=env.world_size)
@@ -427,10 +434,18 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     train_set, train_loader, val_loader = _loaders(context, index, plan)
     objective = _objective(stage, plan, train_set.targets, model, seed=config.seed + index)
     lr = stage.optimizer.lr
+    if lr == "find" and stage.objective != "supervised":
+        raise ConfigError(f"stages.{index}.optimizer.lr: the LR range test needs labels; give a rate for the "
+                          f"{stage.objective} stage")
     if lr == "find":
         lr = _find_lr(context, index, stage_dir, model, objective, train_loader)
     precision = _choose_precision(context, stage_dir, model, stage, plan)
-    module = TrainModule(model, objective=objective, stage=stage, lr=lr, seed=config.seed, stage_index=index,
+    trained = model
+    if stage.objective == "simclr":
+        from lungscreen.training.contrastive import Pretrainer
+
+        trained = Pretrainer(model, hidden_dim=stage.simclr.hidden_dim, out_dim=stage.simclr.out_dim)
+    module = TrainModule(trained, objective=objective, stage=stage, lr=lr, seed=config.seed, stage_index=index,
                          monitor_mode=context.monitor[1])
     EpochRecorder, BestCheckpoint, StopOnRequest, StopOnSignal = make_callbacks()
     from lungscreen.training.callbacks import progress_bars
@@ -471,7 +486,7 @@ def _run_stage(context: RunContext, index: int, stage_dir: Path, model, plan: St
     if env.is_zero:
         from lungscreen.models import save_checkpoint
 
-        save_checkpoint(stage_dir / "final.pt", module.model, spec=context.spec(index), extra={"stage": index})
+        save_checkpoint(stage_dir / "final.pt", unwrapped(module.model), spec=context.spec(index), extra={"stage": index})
         write_json(stage_dir / "done.json", report)
     if env.distributed:
         trainer.strategy.barrier()
@@ -485,6 +500,10 @@ def _objective(stage: StageConfig, plan: StagePlan, train_targets: np.ndarray, m
     from lungscreen.training.objectives import TeacherForcing, build_objective
     from lungscreen.training.optim import resolve_class_weights
 
+    if stage.objective == "simclr":
+        from lungscreen.training.contrastive import ContrastiveObjective
+
+        return ContrastiveObjective(plan.task, stage.simclr.temperature)
     weights = None
     if not isinstance(plan.task, dict) and plan.task.kind in ("multiclass", "multilabel"):
         weights = resolve_class_weights(stage.loss.class_weights, plan.task.classes, train_targets)
@@ -621,10 +640,11 @@ def _finish(context: RunContext, stage_reports: list[dict], started: float) -> d
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in stage_reports), 2),
     }
     finished = env.is_zero and not context.stop_requested and context.best is not None
-    if finished:
+    supervised = config.stages[-1].objective == "supervised"  # a pre-training run has no answers to test
+    if finished and supervised:
         summary["operating_point"] = _operating_point(context, plan)
     test_frame = plan.frames.get(plan.data.test_split, pd.DataFrame())
-    if config.test and finished and not test_frame.empty:
+    if config.test and finished and supervised and not test_frame.empty:
         summary["test"] = _test(context, plan, test_frame)
     summary["wall_seconds_this_session"] = round(time.perf_counter() - started, 2)
     if env.is_zero:

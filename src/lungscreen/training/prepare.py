@@ -245,7 +245,15 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
             raise ConfigError("data.manifest: no manifest given (set data.manifest or pass --manifest)")
         task = resolve_task(data.task, f"{key}.task")
         manifest = load_stage_manifest(data.manifest, f"{key}.manifest", manifests)
-        frames = stage_rows(manifest, data, task, key)
+        if stage.objective == "simclr":
+            from lungscreen.training.contrastive import unlabelled_rows
+
+            frames = unlabelled_rows(manifest, data, stage_views(data))
+            if frames[data.train_split].empty or frames[data.val_split].empty:
+                raise ConfigError(f"{key}.manifest: no {data.modality} images outside the test split, or none in "
+                                  f"the {data.val_split!r} split, for the self-supervised stage {stage.name!r}")
+        else:
+            frames = stage_rows(manifest, data, task, key)
         build_augment(data.augment, f"{key}.augment")
         pipeline_of(data.pipeline, f"{key}.pipeline")
         if data.balance.method not in ("none", "alternate") and not isinstance(task, Task):
@@ -253,7 +261,7 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
                               "(or alternate, batches from one head's data at a time)")
         if data.balance.method == "alternate":
             alternation_groups(frames[data.train_split], task, data.balance.heads)
-        if data.balance.method == "covid_percent":
+        if data.balance.method == "covid_percent" and stage.objective == "supervised":
             positive = task.classes.index(data.balance.positive_class)
             if not (frames[data.train_split]["target"] == positive).any():
                 raise ConfigError(f"{key}.balance: covid_percent needs {data.balance.positive_class} images in the "

@@ -1,0 +1,89 @@
+"""Self-supervised pre-training as a stage: two seeded views, a backbone checkpoint another run starts from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lungscreen.data.labels import TASKS
+from lungscreen.data.manifest import load_manifest
+from lungscreen.models import load_checkpoint
+from lungscreen.training.config import from_dict
+from lungscreen.training.engine import train
+from lungscreen.training.sampling import SampleKey
+from training_fixtures import make_phantom_manifest
+
+
+def pretrain_recipe(manifest, **stage) -> dict:
+    return {"name": "simclr-phantoms", "seed": 0, "threads": 1, "precision": "32", "test": True,
+            "data": {"manifest": str(manifest), "task": "binary", "batch_size": 8, "eval_batch_size": 16},
+            "model": {"name": "resnet18", "options": {"width": 8}},
+            "monitor": {"metric": "val/loss", "mode": "min"},
+            "stages": [{"name": "simclr", "objective": "simclr", "epochs": 2, "image_size": 48, "train": "all",
+                        "optimizer": {"name": "adamw", "lr": 1e-3}, **stage}]}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return make_phantom_manifest(tmp_path_factory.mktemp("phantoms"), per_label=6)
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantoms, tmp_path_factory):
+    return train(from_dict(pretrain_recipe(phantoms)), out=tmp_path_factory.mktemp("runs") / "simclr", quiet=True)
+
+
+def test_pretraining_learns_from_every_image_but_the_test_split(pretrained, phantoms):
+    manifest = load_manifest(phantoms)
+    trained_on = pretrained.summary["stages"][0]["train_images"]
+    assert trained_on == int((manifest["split"] != "test").sum())  # labels unused, test never seen
+    history = pretrained.history
+    assert len(history) == 2 and history[["train/loss", "val/loss"]].map(math.isfinite).all().all()
+    assert "test" not in pretrained.summary or pretrained.summary["test"] is None  # nothing to test without labels
+
+
+def test_the_checkpoint_is_the_backbone_and_another_run_starts_from_it(pretrained, phantoms, tmp_path):
+    checkpoint = load_checkpoint(pretrained.run_dir / "best.pt")
+    assert type(checkpoint.model).__name__ == "ResNet"  # the projection head is gone
+    recipe = pretrain_recipe(phantoms)
+    recipe.update(monitor={"metric": "val/loss", "mode": "min"},
+                  model={"name": "resnet18", "options": {"width": 8}, "init_from": str(pretrained.run_dir)})
+    recipe["stages"] = [{"name": "fine-tune", "epochs": 1, "image_size": 48, "train": "all"}]
+    from lungscreen.training.prepare import build_initial_model, prepare
+
+    prepared = prepare(from_dict(recipe))
+    start = build_initial_model(prepared.config, prepared.stages[0].task)
+    for key, value in checkpoint.model.state_dict().items():
+        if key.startswith("body."):
+            assert torch.equal(start.state_dict()[key], value), key
+    result = train(from_dict(recipe), out=tmp_path / "fine", quiet=True)
+    assert "auc/COVID-19" in result.summary["test"]["figures"]
+
+
+def test_two_views_are_seeded_and_differ(phantoms):
+    from lungscreen.models.inference_spec import InputSpec
+    from lungscreen.preprocessing import get_pipeline
+    from lungscreen.training.config import DataConfig
+    from lungscreen.training.contrastive import TwoViewDataset, unlabelled_rows
+    from lungscreen.training.data import ImageStore
+
+    data = DataConfig(manifest=str(phantoms))
+    rows = unlabelled_rows(load_manifest(phantoms), data, None)["train"]
+    store = ImageStore(rows, get_pipeline("none"), [48])
+    store.load_all()
+    spec = InputSpec(size=48, channels=1, pipeline={"name": "none", "steps": []})
+    dataset = TwoViewDataset(store, 48, spec, TASKS["binary"])
+    first, again, other = dataset[SampleKey(0, 5)]["image"], dataset[SampleKey(0, 5)]["image"], dataset[SampleKey(0, 6)]["image"]
+    assert first.shape == (2, 1, 48, 48)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])
+
+
+def test_the_range_test_is_refused_without_labels(phantoms, tmp_path):
+    from lungscreen.errors import ConfigError
+
+    recipe = pretrain_recipe(phantoms, optimizer={"lr": "find"})
+    with pytest.raises(ConfigError, match="LR range test needs labels"):
+        train(from_dict(recipe), out=tmp_path / "x", quiet=True)
