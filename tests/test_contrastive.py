@@ -99,6 +99,7 @@ def test_a_killed_pretraining_resumes_and_hands_over_the_same_backbone(phantoms,
     import time
 
     import pandas as pd
+
     from training_fixtures import write_recipe
 
     recipe = pretrain_recipe(phantoms, epochs=3)
