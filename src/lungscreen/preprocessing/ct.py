@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from lungscreen.errors import ConfigError
-from lungscreen.preprocessing.transforms import Sample, Transform, crop, register_transform
+from lungscreen.preprocessing.transforms import Sample, Transform, crop_to_mask, register_transform
 
 #: A region covering more than this share of the slice is "the whole picture", not a body to crop to.
 WHOLE_PICTURE = 0.97
@@ -67,11 +67,7 @@ class CropToBody(Transform):
         body = body_mask(sample.image)
         if not body.any() or body.mean() > WHOLE_PICTURE:
             return sample
-        rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
-        height, width = body.shape
-        pad_y, pad_x = round((rows[-1] - rows[0] + 1) * self.margin), round((cols[-1] - cols[0] + 1) * self.margin)
-        return crop(sample, max(0, int(rows[0]) - pad_y), min(height, int(rows[-1]) + 1 + pad_y),
-                    max(0, int(cols[0]) - pad_x), min(width, int(cols[-1]) + 1 + pad_x))
+        return crop_to_mask(sample, body, self.margin)
 
 
 @register_transform

@@ -353,14 +353,17 @@ class CropToLungs(Transform):
         self._check_positive("margin", self.margin, upper=1.0, zero=True)
 
     def __call__(self, sample: Sample) -> Sample:
-        lungs = _lungs_of(sample, self.name)
-        rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
-        height, width = lungs.shape
-        pad_y = round((rows[-1] - rows[0] + 1) * self.margin)
-        pad_x = round((cols[-1] - cols[0] + 1) * self.margin)
-        y0, y1 = max(0, rows[0] - pad_y), min(height, rows[-1] + 1 + pad_y)
-        x0, x1 = max(0, cols[0] - pad_x), min(width, cols[-1] + 1 + pad_x)
-        return crop(sample, int(y0), int(y1), int(x0), int(x1))
+        return crop_to_mask(sample, _lungs_of(sample, self.name), self.margin)
+
+
+def crop_to_mask(sample: Sample, mask: np.ndarray, margin: float) -> Sample:
+    """Crop to the bounding box of ``mask`` (not empty), widened by ``margin`` x the box side on each edge."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    pad_y, pad_x = round((rows[-1] - rows[0] + 1) * margin), round((cols[-1] - cols[0] + 1) * margin)
+    y0, y1 = max(0, rows[0] - pad_y), min(height, rows[-1] + 1 + pad_y)
+    x0, x1 = max(0, cols[0] - pad_x), min(width, cols[-1] + 1 + pad_x)
+    return crop(sample, int(y0), int(y1), int(x0), int(x1))
 
 
 # ---------------------------------------------------------------------------------------------------------
