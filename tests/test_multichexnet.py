@@ -121,13 +121,30 @@ def test_teacher_forcing_takes_the_ground_truth_with_its_probability():
     truth = torch.tensor([True, False, True, False])
     gate = torch.tensor([[5.0], [5.0], [-5.0], [-5.0]])  # the gate passes images 0 and 1
     forcing = TeacherForcing(0.9, "findings", seed=3)
-    picks = [tuple(forcing.chosen(truth, gate).tolist()) for _ in range(2000)]
+    picks = [tuple(forcing.rows(forcing.toss(), truth, gate).tolist()) for _ in range(2000)]
     forced = sum(p == (True, False, True, False) for p in picks)
-    assert forced == forcing.forced
+    assert forced == forcing.forced and forcing.tosses == 2000
     assert set(picks) == {(True, False, True, False), (True, True, False, False)}
     assert abs(forced / 2000 - 0.9) < 3 * (0.9 * 0.1 / 2000) ** 0.5
     again = TeacherForcing(0.9, "findings", seed=3)
-    assert [tuple(again.chosen(truth, gate).tolist()) for _ in range(2000)] == picks  # seeded: replayable
+    assert [again.toss() for _ in range(2000)] == [p == (True, False, True, False) for p in picks]  # replayable
+
+
+def test_one_coin_per_batch_for_every_gated_head():
+    model = create("multichexnet_cpu", num_classes=HEADS, head_width=8)
+    tasks = {"findings": TASKS["findings"], "boxes": TASKS["lung-boxes"], "mask": TASKS["lungs"]}
+    objective = build_objective(tasks, LossConfig(), grid=model.grid, teacher_forcing=TeacherForcing(0.5, "findings"))
+    lung = np.zeros((64, 64), bool)
+    lung[10:50, 10:30] = True
+    mask, known, labelled = TASKS["lungs"].segmentation_targets(0, lung)
+    batch = {"findings": {"label": torch.zeros(2, 2), "present": torch.ones(2, dtype=torch.bool)},
+             "boxes": {"present": torch.ones(2, dtype=torch.bool)},
+             "mask": {"mask": torch.from_numpy(np.stack([mask, mask])), "known": torch.from_numpy(np.stack([known, known])),
+                      "labelled": torch.from_numpy(np.stack([labelled, labelled])), "present": torch.ones(2, dtype=torch.bool)},
+             "target_boxes": [torch.tensor([[10.0, 10.0, 30.0, 50.0]])] * 2}
+    with torch.no_grad():
+        objective.loss(model(torch.rand(2, 1, 64, 64)), batch)
+    assert objective.teacher_forcing.tosses == 1
 
 
 def test_a_missing_box_label_adds_no_loss_and_no_gradient():
@@ -193,10 +210,11 @@ def test_multitask_loss_follows_the_gate_when_not_forced():
     heads = build_objective(tasks, LossConfig(), grid=model.grid).heads
     gate_only = MultitaskObjective(heads, teacher_forcing=TeacherForcing(0.0, "findings"))
     forced = MultitaskObjective(heads, teacher_forcing=TeacherForcing(1.0, "findings"))
-    assert gate_only.learning_rows("boxes", outputs, batch).tolist() == [False, True, False]
-    assert forced.learning_rows("boxes", outputs, batch).tolist() == [True, False, False]
-    assert gate_only.learning_rows("boxes", outputs, batch, training=False).tolist() == [True, True, False]
-    assert gate_only.learning_rows("findings", outputs, batch).tolist() == [True, True, True]  # never gated
+    assert gate_only.learning_rows("boxes", outputs, batch, gate_only.teacher_forcing.toss()).tolist() == \
+        [False, True, False]
+    assert forced.learning_rows("boxes", outputs, batch, forced.teacher_forcing.toss()).tolist() == [True, False, False]
+    assert gate_only.learning_rows("boxes", outputs, batch).tolist() == [True, True, False]  # validation: no gate
+    assert gate_only.learning_rows("findings", outputs, batch, False).tolist() == [True, True, True]  # never gated
 
 
 def test_multichexnet_trains_its_three_heads_on_phantoms(tmp_path):

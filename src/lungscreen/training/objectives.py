@@ -200,13 +200,13 @@ class DetectionObjective(Objective):
 
 
 class TeacherForcing:
-    """Which images the gated heads learn from in a batch (module docstring).
+    """Which images the gated heads learn from in a batch (module docstring): one coin per batch.
 
     Args:
         p: probability of a batch using the ground-truth positives (the paper uses 0.9).
         gate: the head whose probabilities filter (the findings head).
-        threshold: highest probability from which the gate passes an image.
-        seed: seed of the draws.
+        threshold: the gate passes an image whose highest probability reaches it.
+        seed: seed of the coin.
     """
 
     def __init__(self, p: float, gate: str, threshold: float = 0.5, seed: int = 0) -> None:
@@ -215,13 +215,18 @@ class TeacherForcing:
         self.p, self.gate, self.threshold = p, gate, threshold
         self.generator = torch.Generator().manual_seed(seed)
         self.forced = 0  # batches that used the ground truth, for logs and tests
-        self.draws = 0
+        self.tosses = 0
 
-    def chosen(self, truth_positive: Tensor, gate_logits: Tensor) -> Tensor:
-        """Bool mask of the batch: the true positives (with probability p) or what the gate passes."""
-        self.draws += 1
-        if float(torch.rand((), generator=self.generator)) < self.p:
-            self.forced += 1
+    def toss(self) -> bool:
+        """This batch's coin: True (with probability p) to feed the ground-truth positives."""
+        self.tosses += 1
+        forced = float(torch.rand((), generator=self.generator)) < self.p
+        self.forced += forced
+        return forced
+
+    def rows(self, forced: bool, truth_positive: Tensor, gate_logits: Tensor) -> Tensor:
+        """Bool mask of the batch: the true positives when forced, else the images the gate passes."""
+        if forced:
             return truth_positive
         passed = torch.sigmoid(gate_logits.detach().float()).max(dim=1).values >= self.threshold
         return passed.to(truth_positive.device)
@@ -248,20 +253,21 @@ class MultitaskObjective(Objective):
         return self.teacher_forcing is not None and self.heads[name].kind in ("detection", "segmentation")
 
     def learning_rows(self, name: str, outputs: Mapping[str, Tensor], batch: Mapping[str, Any],
-                      training: bool = True) -> Tensor:
-        """The images a head learns from in this batch: those with its label, and behind the gate (in
-        training) only the forced positives or those the gate passes."""
+                      forced: bool | None = None) -> Tensor:
+        """The images a head learns from in this batch: those with its label, and behind the gate (a
+        training batch, ``forced`` its coin) only the true positives or those the gate passes."""
         present = batch[name]["present"].bool()
-        if not (training and self.gated(name)):
+        if forced is None or not self.gated(name):
             return present
         forcing = self.teacher_forcing
         assert forcing is not None
-        return present & forcing.chosen(present & _has_content(batch, name), outputs[forcing.gate])
+        return present & forcing.rows(forced, present & _has_content(batch, name), outputs[forcing.gate])
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any], training: bool = True) -> Tensor:
+        forced = self.teacher_forcing.toss() if training and self.teacher_forcing is not None else None
         total = None
         for name, head in self.heads.items():
-            present = self.learning_rows(name, outputs, batch, training)
+            present = self.learning_rows(name, outputs, batch, forced)
             if not present.any():
                 continue  # no label for this head in the batch: nothing to learn, no gradient
             part = self.weights[name] * head.loss(outputs[name][present], _select(batch, name, present))
