@@ -121,9 +121,9 @@ class Predictor:
             found = self.model.screen(to_tensor([s.image for s in samples], self.spec.input), threshold=threshold)
         size = self.spec.input.size
         out = []
-        for sample, result in zip(samples, found, strict=True):
-            answer = {"probabilities": result["findings"].numpy(), "positive": result["positive"], "boxes": None,
-                      "mask": None}
+        probabilities = self.spec.activate(torch.stack([result["logits"] for result in found]), self.head.name).numpy()
+        for sample, result, values in zip(samples, found, probabilities, strict=True):
+            answer = {"probabilities": values, "positive": result["positive"], "boxes": None, "mask": None}
             if result["boxes"] is not None:
                 boxes = sample.geometry.boxes_to_original(result["boxes"]["boxes"].numpy(), size, size)
                 answer["boxes"] = np.column_stack([boxes, result["boxes"]["scores"].numpy()])

@@ -187,15 +187,21 @@ class MultiCheXNet(nn.Module):
         whose highest finding probability reaches ``threshold`` (the others get ``None``), computed from
         the same encoder pass.
 
+        The filter reads the findings as multi-label (a sigmoid each): an image passes when one finding's
+        probability reaches ``threshold``.
+
         Returns:
-            One dict per image: ``findings`` (C,) probabilities, ``positive`` (bool), ``boxes`` (a dict of
-            ``boxes``, ``scores``, ``labels``) or None, ``mask`` (M, H, W) probabilities or None.
+            One dict per image: ``logits`` and ``findings`` (C,) logits and sigmoid probabilities,
+            ``positive`` (bool), ``boxes`` (a dict of ``boxes``, ``scores``, ``labels``) or None, ``mask``
+            (M, H, W) probabilities or None.
         """
         maps = self.encode(x)
-        probabilities = torch.sigmoid(self.findings(maps[-1]).float())
+        logits = self.findings(maps[-1]).float()
+        probabilities = torch.sigmoid(logits)
         positive = probabilities.max(dim=1).values >= threshold
-        results: list[dict[str, Any]] = [{"findings": p, "positive": bool(flag), "boxes": None, "mask": None}
-                                         for p, flag in zip(probabilities, positive, strict=True)]
+        results: list[dict[str, Any]] = [{"logits": z, "findings": p, "positive": bool(flag), "boxes": None,
+                                          "mask": None}
+                                         for z, p, flag in zip(logits, probabilities, positive, strict=True)]
         chosen = torch.nonzero(positive).flatten()
         if len(chosen) and (self.boxes is not None or self.mask is not None):
             dense = self.decode([m[chosen] for m in maps], (x.shape[-2], x.shape[-1]), heads=[BOXES, MASK])
