@@ -29,9 +29,10 @@ import argparse
 import copy
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
+
+from cached_runs import run, shown
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "results" / "ct.json"
@@ -66,19 +67,6 @@ def cxr_run(backbone: str, base: dict[str, Any], cache: Path, epochs: int) -> Pa
     return run(f"cxr-{backbone}", raw, cache)[0]
 
 
-def run(name: str, raw: dict[str, Any], cache: Path) -> tuple[Path, float | None]:
-    from lungscreen.training.config import from_dict
-    from lungscreen.training.engine import train
-
-    folder = cache / name
-    if (folder / "summary.json").exists():
-        return folder, None
-    started = time.perf_counter()
-    resume = folder if (folder / "config.yaml").exists() else None
-    train(None if resume else from_dict(raw), out=None if resume else folder, resume=resume)  # type: ignore[arg-type]
-    return folder, round(time.perf_counter() - started, 1)
-
-
 def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
     """The run's best.pt on Cohen's CT images (binary task; every one of them: another source)."""
     from lungscreen.data.manifest import for_task, load_manifest
@@ -101,7 +89,7 @@ def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
 def row(name: str, folder: Path, seconds: float | None, manifest: Path) -> dict[str, Any]:
     summary = json.loads((folder / "summary.json").read_text())
     test = summary.get("test") or {}
-    return {"row": name, "run": str(folder.relative_to(HERE.parent)) if folder.is_relative_to(HERE.parent) else str(folder),
+    return {"row": name, "run": shown(folder),
             "train_seconds": summary["train_seconds"], "wall_seconds": seconds,
             "test_images": test.get("images"), "operating_point": summary.get("operating_point"),
             "ucsd_test": {k: test.get("figures", {}).get(k) for k in FIGURES},

@@ -28,9 +28,10 @@ import argparse
 import copy
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
+
+from cached_runs import run, shown
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache" / "multitask"
@@ -48,25 +49,6 @@ def recipe(overrides: list[str]) -> dict[str, Any]:
     from lungscreen.training.config import load_config, to_raw
 
     return to_raw(load_config(RECIPE, overrides))
-
-
-def run(name: str, raw: dict[str, Any], cache: Path) -> tuple[Path, float | None]:
-    """Train ``raw`` into ``cache/name`` (resuming an interrupted run); the wall seconds, None when reused."""
-    from lungscreen.training.config import from_dict
-    from lungscreen.training.engine import train
-
-    folder = cache / name
-    if (folder / "summary.json").exists():
-        return folder, None
-    started = time.perf_counter()
-    resume = folder if (folder / "config.yaml").exists() else None
-    train(None if resume else from_dict(raw), out=None if resume else folder, resume=resume)  # type: ignore[arg-type]
-    return folder, round(time.perf_counter() - started, 1)
-
-
-def shown(folder: Path) -> str:
-    """A run folder as written in the JSON: relative to the repository when inside it."""
-    return str(folder.relative_to(HERE.parent)) if folder.is_relative_to(HERE.parent) else str(folder)
 
 
 def test_figures(folder: Path, names: tuple[str, ...]) -> dict[str, Any]:
@@ -144,7 +126,7 @@ def filter_effect(folder: Path, base: dict[str, Any]) -> dict[str, Any]:
             for view, dense in (("every image with a mask", outputs), ("through the filter", {**outputs, **stopped})):
                 views[view].append(objective.keep(dense, batch))
     patients = store.frame["patient_id"].astype(str).to_numpy()
-    out: dict[str, Any] = {"images": int(len(store.frame)), "passed_by_filter": passed_count, "filter_threshold": 0.5}
+    out: dict[str, Any] = {"images": len(store.frame), "passed_by_filter": passed_count, "filter_threshold": 0.5}
     for view, kept in views.items():
         merged = {key: np.concatenate([k[key] for k in kept]) for key in kept[0]}
         report = test_report(objective, merged, patients)
