@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,14 +41,23 @@ Run = Callable[..., tuple[int, str, str]]
 
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Run:
-    """``cli(*arguments)`` -> (exit code, stdout, stderr) of ``lungscreen ARGUMENTS`` run in this process."""
+    """``cli(*arguments)`` -> (exit code, stdout, stderr) of ``lungscreen ARGUMENTS`` run in this process
+    through its real entry point (the error boundary); the process's signal handlers are restored after."""
     from lungscreen.cli import main
 
     def run(*arguments: object) -> tuple[int, str, str]:
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         monkeypatch.setattr(sys, "argv", ["lungscreen", *map(str, arguments)])
-        with pytest.raises(SystemExit) as exit_info:
+        capsys.readouterr()
+        try:
             main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         captured = capsys.readouterr()
-        return int(exit_info.value.code or 0), captured.out, captured.err
+        return code, captured.out, captured.err
 
     return run

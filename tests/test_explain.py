@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from training_fixtures import make_manifest, tiny_recipe
 
 from lungscreen.audit.cams import CAM_METHODS, class_activation_maps, lung_attention_ratio
 from lungscreen.audit.explain import explain_images
 from lungscreen.errors import ConfigError
 from lungscreen.inference.predict import Predictor
 from lungscreen.preprocessing.model_input import to_tensor
+from training_fixtures import make_manifest, tiny_recipe
 
 SIZE = 64  # squeezenet1_1 has a 3 x 3 last feature map at 64 px (1 x 1 at 32: every map flat)
 
@@ -113,39 +113,18 @@ def test_overlays_are_drawn_on_the_original_image_and_zero_where_the_crop_remove
     assert failed["path"].str.endswith("missing.png").all() and failed["error"].iloc[0] == "no such file"
 
 
-def lungscreen(monkeypatch, capsys, *args: object) -> tuple[int, str]:
-    """Run ``lungscreen ARGS`` through its real entry point (the error boundary); (exit code, stderr)."""
-    import signal
-    import sys
-
-    from lungscreen.cli import main
-
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["lungscreen", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return code, capsys.readouterr().err
-
-
-def test_the_command_writes_the_table_and_refuses_bad_options(run, wide, tmp_path, monkeypatch, capsys):
+def test_the_command_writes_the_table_and_refuses_bad_options(run, wide, tmp_path, cli):
     out, broken = tmp_path / "explained", tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    code, err = lungscreen(monkeypatch, capsys, "explain", run[0], wide, broken, "--out", out,
+    code, _, err = cli("explain", run[0], wide, broken, "--out", out,
                            "--method", "gradcam++", "--method", "scorecam", "--no-faithfulness")
     assert code == 0, err
     table = pd.read_csv(out / "explanations.csv", keep_default_na=False)
     assert sorted(table["method"]) == ["", "gradcam++", "scorecam"] and (out / "wide.gradcampp.png").is_file()
     assert table.loc[table["method"] == "", "path"].iloc[0] == str(broken) and "1 image(s) failed" in err
-    code, err = lungscreen(monkeypatch, capsys, "explain", run[0], wide, "--out", out, "--method", "lime")
+    code, _, err = cli("explain", run[0], wide, "--out", out, "--method", "lime")
     assert code == 2 and "--method: unknown CAM method 'lime'; known: gradcam" in err
-    code, err = lungscreen(monkeypatch, capsys, "explain", run[0], wide, "--out", out, "--target", "cat")
+    code, _, err = cli("explain", run[0], wide, "--out", out, "--target", "cat")
     assert code == 2 and "--target: unknown class 'cat'" in err and "COVID-19" in err
-    code, err = lungscreen(monkeypatch, capsys, "explain", run[0], wide, "--out", tmp_path / "a" / "b")
+    code, _, err = cli("explain", run[0], wide, "--out", tmp_path / "a" / "b")
     assert code == 2 and "--mkdir" in err
