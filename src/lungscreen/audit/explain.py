@@ -105,9 +105,11 @@ def lung_segmenter(predictor: Predictor) -> Any:
 
 
 def explain_sample(predictor: Predictor, pixels: np.ndarray, methods: Sequence[str], *, target: int | None = None,
-                   lungs: np.ndarray | None = None, faithfulness: bool = True) -> list[Explanation]:
-    """Explain one decoded image (float (H, W) in [0, 1]) with each method; ``lungs`` a bool (H, W) mask."""
-    sample = predictor.prepare(pixels)
+                   lungs: np.ndarray | None = None, faithfulness: bool = True,
+                   sample: Sample | None = None) -> list[Explanation]:
+    """Explain one decoded image (float (H, W) in [0, 1]) with each method; ``lungs`` a bool (H, W) mask;
+    ``sample``: the image already prepared by ``predictor.prepare`` (its preprocessing is then not run again)."""
+    sample = sample if sample is not None else predictor.prepare(pixels)
     probabilities = predictor.probabilities([sample])[0]
     index = target if target is not None else _predicted_index(predictor, probabilities)
     inputs = to_tensor([sample.image], predictor.spec.input)

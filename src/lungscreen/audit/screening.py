@@ -103,7 +103,8 @@ def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = No
     lungs, lung_note = lungs_on(segmenter or lung_segmenter(predictor), image.pixels)
     notes += [lung_note] if lung_note else []
     if explain:
-        explanation = explain_sample(predictor, image.pixels, [method], lungs=lungs, faithfulness=False)[0]
+        explanation = explain_sample(predictor, image.pixels, [method], lungs=lungs, faithfulness=False,
+                                     sample=sample)[0]
         heatmap = explanation.original
     else:
         heatmap = None
