@@ -43,6 +43,14 @@ class ConfigError(LungscreenError):
     """A configuration value that is missing or out of range; the message names the key."""
 
 
+class WeightsError(LungscreenError):
+    """A weights or model file that cannot be used (unreadable, wrong layout, not downloadable)."""
+
+
+class UnsafeWeightsError(WeightsError):
+    """A weights file that holds pickled Python objects, which could run code when loaded."""
+
+
 class MetricError(LungscreenError, ValueError):
     """A figure asked of data that cannot give it: one class only for an AUC, NaN probabilities, a wrong shape.
 

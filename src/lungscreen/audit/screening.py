@@ -92,7 +92,7 @@ def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = No
         image: a decoded image (path, bytes or DICOM alike).
         segmenter: the lung segmenter (default: the run's pipeline's, else the installed U-Net, else the
             classical fallback); load it once for many images.
-        explain: compute the Grad-CAM heat-map (``method``).
+        explain: compute the Grad-CAM heat-map (``method``); an exported ONNX model has none (a note says so).
 
     Raises:
         LungscreenError: an image the run cannot take (another modality without force, a blank image).
@@ -102,6 +102,9 @@ def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = No
     score = predictor.distance(sample)
     lungs, lung_note = lungs_on(segmenter or lung_segmenter(predictor), image.pixels)
     notes += [lung_note] if lung_note else []
+    if explain and predictor.onnx:
+        explain = False
+        notes.append("no Grad-CAM heat-map: this is an exported ONNX model (serve the run folder to see one)")
     if explain:
         explanation = explain_sample(predictor, image.pixels, [method], lungs=lungs, faithfulness=False,
                                      sample=sample)[0]

@@ -42,6 +42,9 @@ def _register() -> None:
     app.command("train")(train_cli.train)
     app.command("tune")(train_cli.tune)
     app.command("predict")(predict_cli.predict)
+    from lungscreen.cli import export as export_cli  # noqa: E402
+
+    app.command("export")(export_cli.export)
     from lungscreen.cli import explain as explain_cli  # noqa: E402
 
     app.command("explain")(explain_cli.explain)

@@ -14,7 +14,8 @@ out = Console(stderr=True, highlight=False)
 
 
 def predict(
-    run: Path = typer.Argument(..., help="Run folder (with best.pt) or a checkpoint file."),
+    run: Path = typer.Argument(..., help="Run folder (with best.pt), a checkpoint file, or a model exported with "
+                             "`lungscreen export` (.onnx: runs on onnxruntime)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (searched recursively), DICOM included.",
                                         exists=True),
     out_path: Path = typer.Option(Path("predictions.csv"), "--out", "-o",

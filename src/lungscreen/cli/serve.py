@@ -22,7 +22,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    run: Path = typer.Argument(..., help="Run folder (with best.pt) or a checkpoint file: loaded once, at start."),
+    run: Path = typer.Argument(..., help="Run folder (with best.pt), a checkpoint file, or a `lungscreen export` "
+                               ".onnx model (no Grad-CAM then): loaded once, at start."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback needs --token."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     token: str | None = typer.Option(None, envvar="LUNGSCREEN_TOKEN", help="Require `Authorization: Bearer TOKEN` "

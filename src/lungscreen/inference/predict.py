@@ -11,6 +11,9 @@ inference (``screen``): images its findings head calls negative get no boxes or 
 the others get ``boxes`` (JSON ``[[x0, y0, x1, y1, score], ...]`` in the original image's pixels) and, when
 a folder is given, one mask PNG per channel in the original image's frame (``mask`` names them).
 
+An exported model (``lungscreen export RUN --onnx OUT.onnx``) is predicted with the same code on
+onnxruntime, the lung U-Net its pipeline needs included, and torch is never imported.
+
 A model is not silently used outside what it learned: a DICOM whose modality is not the model's is
 refused (``force`` scores it, flagged), and every image's intensity histogram is compared with the
 training inputs' (the spec's reference): ``ood`` marks an image farther from it than 99 % of the training
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,10 +38,12 @@ import lungscreen.lungs  # noqa: F401  (registers the segment_lungs preprocessin
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import iter_image_files
 from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
-from lungscreen.models import Checkpoint, load_checkpoint, resolve_checkpoint
-from lungscreen.models.layers import HeadOf
+from lungscreen.models.onnx import OnnxModel, is_onnx
 from lungscreen.preprocessing import Sample
-from lungscreen.preprocessing.model_input import prepare, reference_distance, spec_pipeline, to_tensor
+from lungscreen.preprocessing.model_input import prepare, reference_distance, spec_pipeline, to_array, to_tensor
+
+if TYPE_CHECKING:
+    from lungscreen.models import Checkpoint
 
 #: DICOM Modality values -> the modality a model is trained on.
 DICOM_MODALITIES = {"CR": "CXR", "DX": "CXR", "DR": "CXR", "RG": "CXR", "CT": "CT"}
@@ -48,7 +53,8 @@ class Predictor:
     """A loaded checkpoint and what its inference spec says about feeding it.
 
     Args:
-        run: a run folder (its ``best.pt``) or a checkpoint file.
+        run: a run folder (its ``best.pt``), a checkpoint file, or an exported ``.onnx`` artefact (run on
+            onnxruntime; no Grad-CAM, which needs the PyTorch model's gradients).
         modality: what the inputs are (``CXR`` or ``CT``) when the caller knows; None trusts DICOM tags and
             otherwise assumes the model's own.
         force: score inputs of another modality anyway (their rows say so) instead of refusing them.
@@ -60,24 +66,34 @@ class Predictor:
     """
 
     def __init__(self, run: str | Path, *, modality: str | None = None, force: bool = False) -> None:
-        self.checkpoint: Checkpoint = load_checkpoint(resolve_checkpoint(run))
+        self.checkpoint: Checkpoint | OnnxModel = load_model(run)
+        self.onnx = isinstance(self.checkpoint, OnnxModel)
         self.spec = self.checkpoint.spec
         classifiers = [h for h in self.spec.heads if h.kind in ("multiclass", "multilabel")]
         self.multitask = len(self.spec.heads) > 1
-        if not classifiers or (self.multitask and not hasattr(self.checkpoint.model, "screen")):
+        if not classifiers or (self.multitask and not hasattr(getattr(self.checkpoint, "model", None), "screen")):
             kind = "segmentation" if not self.multitask else "multi-head model without filtered inference (screen)"
             raise ConfigError(f"{self.checkpoint.path}: a {kind} model; predict scores classifiers and MultiCheXNet "
                               "runs (lung models: `lungscreen lungs segment`)")
         self.head = classifiers[0]
         self.class_names = list(self.head.classes)
         self.pipeline = spec_pipeline(self.spec.input)
-        self.model = self.checkpoint.model.eval()
-        #: the classification head alone (logits tensor out): what Grad-CAM explains
-        self.classifier = HeadOf(self.model, self.head.name).eval() if self.multitask else self.model
+        #: the network: a torch module, or the onnxruntime session's wrapper for an exported model
+        self.model = self.checkpoint if self.onnx else self.checkpoint.model.eval()
         self.force = force
         if modality is not None and modality != self.spec.modality and not force:
             raise ConfigError(f"--modality: the inputs are {modality} but {self.checkpoint.path} was trained on "
                               f"{self.spec.modality} images; its answers would mean nothing (--force to score anyway)")
+
+    @property
+    def classifier(self):  # noqa: ANN201  (a torch module; torch is not imported here)
+        """The classification head alone (logits tensor out): what Grad-CAM explains (PyTorch runs only)."""
+        if self.onnx:
+            raise ConfigError(f"{self.checkpoint.path}: an exported ONNX model has no gradients to explain; "
+                              "give the run folder for Grad-CAM")
+        from lungscreen.models.layers import HeadOf
+
+        return HeadOf(self.model, self.head.name).eval() if self.multitask else self.model
 
     def check_modality(self, image: ChestImage) -> str:
         """'' when the image may be scored; otherwise why not (or, with ``force``, a note for the row)."""
@@ -104,12 +120,16 @@ class Predictor:
 
     def probabilities(self, samples: Sequence[Sample]) -> np.ndarray:
         """(N, classes) probabilities of prepared samples (the classification head's softmax or sigmoid)."""
-        import torch
+        batch = to_array([s.image for s in samples], self.spec.input)
+        if self.onnx:
+            logits = self.model(batch)[self.head.name]
+        else:
+            import torch
 
-        with torch.inference_mode():
-            outputs = self.model(to_tensor([s.image for s in samples], self.spec.input))
-            logits = outputs[self.head.name] if isinstance(outputs, dict) else outputs
-            return self.spec.activate(logits, self.head.name).numpy()
+            with torch.inference_mode():
+                outputs = self.model(torch.from_numpy(batch))
+                logits = (outputs[self.head.name] if isinstance(outputs, dict) else outputs).float().numpy()
+        return self.spec.probabilities(logits, self.head.name)
 
     def screen(self, samples: Sequence[Sample], *, threshold: float = 0.5) -> list[dict[str, Any]]:
         """A multi-task model's answer per sample, in the original image's pixels: ``probabilities``,
@@ -143,6 +163,15 @@ class Predictor:
             others = [i for i in range(len(self.class_names)) if i != positive]
             return self.class_names[max(others, key=lambda i: probabilities[i])] if others else ""
         return self.class_names[int(np.argmax(probabilities))]
+
+
+def load_model(run: str | Path) -> Checkpoint | OnnxModel:
+    """An exported ``.onnx`` artefact on onnxruntime, else a run folder's or a file's PyTorch checkpoint."""
+    if is_onnx(run):
+        return OnnxModel(run)
+    from lungscreen.models import load_checkpoint, resolve_checkpoint
+
+    return load_checkpoint(resolve_checkpoint(run))
 
 
 def decoded_images(path: Path) -> Iterator[tuple[int | None, ChestImage]]:

@@ -23,7 +23,8 @@ import numpy as np
 from lungscreen.lungs.classical import classical_lung_mask
 from lungscreen.lungs.data import CONVENTIONS
 from lungscreen.lungs.postprocess import clean_mask
-from lungscreen.preprocessing.model_input import prepare, spec_pipeline, to_tensor
+from lungscreen.models.onnx import OnnxModel
+from lungscreen.preprocessing.model_input import prepare, spec_pipeline, to_array
 from lungscreen.preprocessing.transforms import PreprocessingError
 
 #: Model name of the lung U-Net in the registry.
@@ -66,10 +67,12 @@ class ClassicalSegmenter:
 
 
 class UNetSegmenter:
-    """A trained lung U-Net (a segmentation checkpoint) and the convention whose channel it reads.
+    """A trained lung U-Net (a segmentation checkpoint, or its ONNX export) and the convention whose channel
+    it reads.
 
     Args:
-        checkpoint: the loaded checkpoint (model in eval mode, its inference spec).
+        checkpoint: the loaded checkpoint (model in eval mode, its inference spec), or the exported
+            :class:`~lungscreen.models.onnx.OnnxModel` (method ``onnx``: no torch).
         convention: which output channel to use.
         batch_size: images per forward pass in :meth:`segment_batch`.
         threshold: probability at or above which a pixel is lung.
@@ -84,6 +87,7 @@ class UNetSegmenter:
         if convention not in head.classes:
             raise PreprocessingError(f"the lung model draws {', '.join(head.classes)}, not {convention!r}")
         self.checkpoint, self.convention = checkpoint, convention
+        self.method = "onnx" if isinstance(checkpoint, OnnxModel) else "unet"
         self.classes = list(head.classes)
         self.channel = self.classes.index(convention)
         self.spec = checkpoint.spec
@@ -107,12 +111,18 @@ class UNetSegmenter:
 
     def probabilities(self, images: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Sigmoid outputs (N, conventions, S, S) for images of any size, and each input's geometry."""
+        samples = [prepare(image, self.spec.input, self.pipeline) for image in images]
+        batch = to_array([s.image for s in samples], self.spec.input)
+        return self.spec.probabilities(self.logits(batch)), [s.geometry for s in samples]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """The network's output for a prepared batch, on onnxruntime or PyTorch."""
+        if self.method == "onnx":
+            return self.checkpoint(batch)[self.spec.head().name]
         import torch
 
-        samples = [prepare(image, self.spec.input, self.pipeline) for image in images]
         with torch.inference_mode():
-            logits = self.checkpoint.model(to_tensor([s.image for s in samples], self.spec.input))
-        return self.spec.activate(logits).numpy(), [s.geometry for s in samples]
+            return self.checkpoint.model(torch.from_numpy(batch)).float().numpy()
 
     def segment_batch(self, images: list[np.ndarray], convention: str | None = None) -> list[np.ndarray]:
         channel = self.channel if convention is None else self.classes.index(convention)
@@ -129,20 +139,22 @@ class UNetSegmenter:
 
 
 def load_segmenter(method: str, model: str | Path | None = None, convention: str = CONVENTIONS[0]) -> Segmenter:
-    """A segmenter by method (``unet`` needs ``model``), loaded once per process and file version."""
+    """A segmenter by method (``unet`` and ``onnx`` need ``model``), loaded once per process and file version."""
     if method == "classical":
         return ClassicalSegmenter(convention)
-    if method != "unet":
-        raise PreprocessingError(f"unknown lung segmentation method {method!r} (unet or classical)")
+    if method not in ("unet", "onnx"):
+        raise PreprocessingError(f"unknown lung segmentation method {method!r} (unet, onnx or classical)")
     if model is None:
-        raise PreprocessingError("the U-Net segmenter needs a model file")
+        raise PreprocessingError(f"the {method} segmenter needs a model file")
     path = Path(model).resolve()
     if not path.is_file():
         raise PreprocessingError(f"lung model {path}: no such file")
     stat = path.stat()
-    return _load_unet(str(path), stat.st_size, stat.st_mtime_ns, convention)
+    return _load_unet(method, str(path), stat.st_size, stat.st_mtime_ns, convention)
 
 
 @lru_cache(maxsize=8)
-def _load_unet(path: str, size: int, mtime_ns: int, convention: str) -> UNetSegmenter:
+def _load_unet(method: str, path: str, size: int, mtime_ns: int, convention: str) -> UNetSegmenter:
+    if method == "onnx":
+        return UNetSegmenter(OnnxModel(path), convention)
     return UNetSegmenter.from_checkpoint(path, convention)

@@ -31,7 +31,7 @@ class LungModelWarning(UserWarning):
 
 
 #: Values of ``segment_lungs.method``.
-LUNG_METHODS = ("auto", "unet", "classical")
+LUNG_METHODS = ("auto", "unet", "classical", "onnx")
 
 
 @register_transform
@@ -46,6 +46,8 @@ class SegmentLungs(Transform):
         method: ``"unet"`` (a trained lung model is required), ``"classical"`` (thresholding and
             morphology, :mod:`lungscreen.lungs.classical`) or ``"auto"``: the U-Net when a model file is
             found, otherwise the classical method with a :class:`LungModelWarning`. Never silently skipped.
+            ``"onnx"``: the U-Net exported beside an ONNX classifier (``lungscreen export``); ``model`` names
+            the file, ``weights_sha256`` pins it.
         model: lung model checkpoint; None uses the default path (``$LUNGSCREEN_LUNG_MODEL`` or
             ``~/.local/share/lungscreen/lung_unet.pt``).
         convention: which lungs to draw, ``"heart-excluded"`` (visible lung fields, as the Montgomery and
@@ -77,6 +79,14 @@ class SegmentLungs(Transform):
         """Fix the method and the model file (path and SHA-256) this step will use."""
         if self.method == "classical":
             return SegmentLungs(method="classical", convention=self.convention, min_area=self.min_area)
+        if self.method == "onnx":
+            if not self.model or not Path(self.model).is_file():
+                raise PreprocessingError(f"the exported lung model {self.model} is missing (it travels beside the "
+                                         "classifier's .onnx file)")
+            if self.weights_sha256 and file_sha256(Path(self.model)) != self.weights_sha256:
+                raise PreprocessingError(f"the exported lung model {self.model} is not the one this classifier was "
+                                         f"exported with (SHA-256 differs from {self.weights_sha256[:16]}...)")
+            return self
         path = find_lung_model(self.model, self.weights_sha256)
         if path is None and self.weights_sha256:
             raise PreprocessingError(

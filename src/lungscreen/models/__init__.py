@@ -24,54 +24,45 @@ metadata and tensors only, and are read with ``torch.load(weights_only=True)``.
 | squeezenet1_0, squeezenet1_1 (+ _bypass), squeezenet_ct | 002 | SqueezeNets; the light CT CNN |
 | densenet121 | 001 | DenseNet-121 (CheXNet), multi-label |
 | lung_unet | 000 | MONAI U-Net for lung masks (segmentation; :mod:`lungscreen.models.unet`, lungs engineer) |
+
+The names below are imported on first use (PEP 562): the inference spec and the ONNX runtime side
+(:mod:`lungscreen.models.onnx`) need no torch, so a torch-free predictor can import this package.
 """
 
-from lungscreen.models import conv8, covidnet, densenet, resnets, squeezenet, unet  # noqa: F401  (registers them)
-from lungscreen.models import multichexnet  # noqa: F401  (registers it; its encoder is a zoo model above)
-from lungscreen.models.checkpoint import (
-    Checkpoint,
-    convert_v1,
-    load_checkpoint,
-    read_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from lungscreen.models.complexity import Complexity, complexity, count_macs, count_parameters
-from lungscreen.models.inference_spec import Head, InferenceSpec, OperatingPoint
-from lungscreen.models.registry import (
-    TASKS,
-    ModelInfo,
-    ModelSpec,
-    create,
-    list_models,
-    model_info,
-    register_model,
-    unregister_model,
-)
-from lungscreen.models.weights import UnsafeWeightsError, WeightsError
+from __future__ import annotations
 
-__all__ = [
-    "TASKS",
-    "Checkpoint",
-    "Head",
-    "InferenceSpec",
-    "OperatingPoint",
-    "convert_v1",
-    "read_checkpoint",
-    "resolve_checkpoint",
-    "Complexity",
-    "ModelInfo",
-    "ModelSpec",
-    "UnsafeWeightsError",
-    "WeightsError",
-    "complexity",
-    "count_macs",
-    "count_parameters",
-    "create",
-    "list_models",
-    "load_checkpoint",
-    "model_info",
-    "register_model",
-    "save_checkpoint",
-    "unregister_model",
-]
+import importlib
+from typing import Any
+
+#: public name -> the submodule defining it
+_PUBLIC = {
+    "Checkpoint": "checkpoint", "convert_v1": "checkpoint", "load_checkpoint": "checkpoint",
+    "read_checkpoint": "checkpoint", "resolve_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "Complexity": "complexity", "complexity": "complexity", "count_macs": "complexity",
+    "count_parameters": "complexity",
+    "Head": "inference_spec", "InferenceSpec": "inference_spec", "OperatingPoint": "inference_spec",
+    "TASKS": "registry", "ModelInfo": "registry", "ModelSpec": "registry", "create": "registry",
+    "list_models": "registry", "model_info": "registry", "register_model": "registry",
+    "unregister_model": "registry",
+    "UnsafeWeightsError": "errors", "WeightsError": "errors",
+}
+#: submodules that neither need torch nor the registered zoo
+_TORCH_FREE = {"inference_spec", "errors"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module not in _TORCH_FREE:
+        importlib.import_module(f"{__name__}.zoo")
+    value = getattr(importlib.import_module(f"lungscreen.{module}" if module == "errors" else f"{__name__}.{module}"), name)
+    globals()[name] = value  # a submodule of the same name (complexity) must not shadow the function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+__all__ = sorted(_PUBLIC)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lungscreen.errors import ConfigError
@@ -206,6 +207,15 @@ class InferenceSpec(BaseModel):
         if self.head(head).activation == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
+
+    def probabilities(self, logits: np.ndarray, head: str | None = None) -> np.ndarray:
+        """:meth:`activate` on a NumPy array (the torch-free path: exported models on onnxruntime)."""
+        from scipy.special import expit, softmax
+
+        logits = np.asarray(logits, np.float32)
+        if self.head(head).activation == "softmax":
+            return softmax(logits, axis=1)
+        return expit(logits)
 
     def with_operating_point(self, point: OperatingPoint | None) -> InferenceSpec:
         return self.model_copy(update={"operating_point": point})

@@ -29,20 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lungscreen.errors import ConfigError, LungscreenError
+from lungscreen.errors import ConfigError, UnsafeWeightsError, WeightsError
 
 CHECKPOINT_FORMAT = "lungscreen-checkpoint"
 _MAX_LISTED = 6
 _SCAN_BYTES = 1 << 20
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
-
-
-class WeightsError(LungscreenError):
-    """A weights file or download that cannot be used (unreadable, wrong layout, not downloadable)."""
-
-
-class UnsafeWeightsError(WeightsError):
-    """A weights file that holds pickled Python objects, which could run code when loaded."""
 
 
 def read_weights_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:

@@ -84,11 +84,22 @@ def normalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return images
 
 
+def to_array(pixels: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """A batch (N, channels, S, S) float32 from prepared uint8 images: :func:`scale` then :func:`normalize`
+    in NumPy (the same float32 operations), for exported models that run without torch."""
+    images = np.stack([np.asarray(p, np.uint8) for p in pixels])[:, None].astype(np.float32) / np.float32(255.0)
+    if spec.mean != 0.0 or spec.std != 1.0:
+        images = (images - np.float32(spec.mean)) / np.float32(spec.std)
+    if spec.channels > 1:
+        images = np.repeat(images, spec.channels, axis=1)
+    return np.ascontiguousarray(images)
+
+
 def to_tensor(pixels: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
-    """A batch (N, channels, S, S) from prepared uint8 images."""
+    """A batch (N, channels, S, S) from prepared uint8 images (:func:`to_array` as a tensor)."""
     import torch
 
-    return normalize(torch.stack([scale(p) for p in pixels]), spec)
+    return torch.from_numpy(to_array(pixels, spec))
 
 
 #: Bins of the intensity histogram that describes a model's training inputs.
@@ -120,4 +131,4 @@ def intensity_reference(pictures: Sequence[np.ndarray], quantile: float = 0.99) 
                               images=len(pictures))
 
 
-__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "spec_pipeline", "to_tensor", "intensity_reference", "reference_distance"]
+__all__ = ["InputSpec", "fit", "normalize", "prepare", "preprocess", "scale", "spec_pipeline", "to_array", "to_tensor", "intensity_reference", "reference_distance"]
