@@ -26,6 +26,8 @@ def predict(
     force: bool = typer.Option(False, "--force", help="Score inputs of another modality than the model's anyway "
                                "(their rows say so)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    workers: int = typer.Option(1, min=0, help="Threads decoding and preprocessing images (lung segmentation "
+                                "included) ahead of the model, so both run at once; 0: all in one thread."),
     masks: Path | None = typer.Option(None, "--masks", help="A multi-task run (MultiCheXNet): write each image's "
                                       "predicted mask channels as PNGs in this folder (created if needed)."),
 ) -> None:
@@ -57,7 +59,7 @@ def predict(
         raise ConfigError(f"INPUTS: no image file in {', '.join(map(str, inputs))} (looked for .png, .jpg, .dcm, ...)")
     with progress_bar() as bar:
         job = bar.add_task("predicting", total=total)
-        frame = predict_paths(predictor, inputs, batch_size=batch_size, masks=masks,
+        frame = predict_paths(predictor, inputs, batch_size=batch_size, masks=masks, workers=workers,
                               progress=lambda done: bar.update(job, completed=done))
     with atomic_path(out_path) as temporary:
         if out_path.suffix.lower() == ".json":

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -186,12 +187,61 @@ def decoded_images(path: Path) -> Iterator[tuple[int | None, ChestImage]]:
     yield None, read_image(path)
 
 
+@dataclass
+class Loaded:
+    """One decoded and prepared image (one frame of a file), or why it could not be."""
+
+    path: Path
+    frame: int | None
+    sample: Sample | None = None
+    score: float = float("nan")
+    note: str = ""
+    error: str = ""
+
+
+def load_file(predictor: Predictor, path: Path) -> list[Loaded]:
+    """Decode a file and prepare each of its frames for the model; errors become rows, never exceptions."""
+    loaded = []
+    try:
+        for frame, image in decoded_images(path):
+            try:
+                note = predictor.check_modality(image)
+                sample = predictor.prepare(image.pixels)
+            except LungscreenError as error:
+                loaded.append(Loaded(path, frame, error=str(error)))
+                continue
+            loaded.append(Loaded(path, frame, sample, predictor.distance(sample), note))
+    except LungscreenError as error:
+        loaded.append(Loaded(path, None, error=getattr(error, "reason", None) or str(error)))
+    return loaded
+
+
+def prefetched(function: Callable[[Any], Any], items: Iterable[Any], *, workers: int, ahead: int) -> Iterator[Any]:
+    """``function(item)`` for each item, in order, computed by ``workers`` threads up to ``ahead`` items in
+    advance: decoding and preprocessing the next images while the model scores the current batch (image
+    decoding, OpenCV, NumPy, PyTorch and onnxruntime release the GIL)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungscreen-decode") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(function, item))
+            if len(window) > ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, batch_size: int = 32,
-                  progress: Callable[[int], None] | None = None, masks: Path | None = None) -> pd.DataFrame:
+                  progress: Callable[[int], None] | None = None, masks: Path | None = None,
+                  workers: int = 1) -> pd.DataFrame:
     """Predict every image file named in ``inputs`` or found (recursively) under folders in it.
 
     Args:
         masks: folder for a multi-task run's mask PNGs (one per image and mask channel); None writes none.
+        workers: threads decoding and preprocessing (lung segmentation included) ahead of the model; 0 does
+            it all in the calling thread.
 
     Returns:
         One row per image (per frame for multi-frame DICOM): ``path``, ``frame``, a probability column
@@ -219,28 +269,24 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
             rows[row_index]["prediction"] = predictor.decide(values)
         pending.clear()
 
-    def blank(path: Path, frame: int | None) -> dict[str, Any]:
+    def row(item: Loaded) -> dict[str, Any]:
         extra = {"screened": False, "boxes": "", "mask": ""} if predictor.multitask else {}
-        return {"path": str(path), "frame": "" if frame is None else frame,
-                **{name: np.nan for name in predictor.class_names}, "prediction": "", **extra, "ood": False,
-                "ood_score": np.nan, "note": "", "error": ""}
+        scored = item.sample is not None
+        return {"path": str(item.path), "frame": "" if item.frame is None else item.frame,
+                **{name: np.nan for name in predictor.class_names}, "prediction": "", **extra,
+                "ood": bool(scored and item.score > 1.0), "ood_score": round(item.score, 3) if scored else np.nan,
+                "note": item.note, "error": item.error}
 
-    for done, path in enumerate(iter_image_files(*inputs), start=1):
-        try:
-            for frame, image in decoded_images(path):
-                rows.append(blank(path, frame))
-                try:
-                    rows[-1]["note"] = predictor.check_modality(image)
-                    sample = predictor.prepare(image.pixels)
-                except LungscreenError as error:
-                    rows[-1]["error"] = str(error)
-                    continue
-                score = predictor.distance(sample)
-                rows[-1].update(ood=bool(score > 1.0), ood_score=round(score, 3))
-                pending.append((len(rows) - 1, sample))
-        except LungscreenError as error:
-            rows.append(blank(path, None))
-            rows[-1]["error"] = getattr(error, "reason", None) or str(error)
+    def load(path: Path) -> list[Loaded]:
+        return load_file(predictor, path)
+
+    files = iter_image_files(*inputs)
+    loaded = prefetched(load, files, workers=workers, ahead=2 * batch_size) if workers else map(load, files)
+    for done, items in enumerate(loaded, start=1):
+        for item in items:
+            rows.append(row(item))
+            if item.sample is not None:
+                pending.append((len(rows) - 1, item.sample))
         if len(pending) >= batch_size:
             flush()
         if progress is not None:
