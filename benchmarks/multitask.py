@@ -4,9 +4,9 @@ Runs (each a run folder under ``benchmarks/cache/multitask/``, reused when finis
 
 * **protocol**: ``configs/multichexnet-cpu.yaml``, the paper's four stages (classifier, box head, mask
   head, multi-task), wall time against the 30-minute target on 2 cores;
-* **single-task baselines**, the same encoder from scratch for each head alone with as many epochs as
-  that head gets in the protocol: findings (the classifier stage), boxes (lung boxes from masks), mask
-  (the ``lungs`` task);
+* **single-task baselines**, the same encoder from scratch taught by ONE head (the model's required findings
+  head weighs 0 in the loss; no teacher forcing) for as many epochs as that head gets in the protocol:
+  findings (the classifier stage), boxes (lung boxes from masks), mask (the ``lungs`` task);
 * **filter effect** (the paper's Table 2): the protocol's box and mask heads on the test images with a
   drawn mask (teacher-forced view) and through the findings filter (images it stops get no boxes and an
   empty mask, as at inference);
@@ -76,7 +76,10 @@ def baselines(base: dict[str, Any], cache: Path) -> dict[str, Any]:
     for head, (stage, epochs) in plans.items():
         raw = copy.deepcopy(base)
         raw["name"] = f"{RECIPE}-{head}-alone"
-        raw["stages"] = [{**copy.deepcopy(stage), "epochs": epochs, "name": f"{head}-alone"}]
+        alone = {**copy.deepcopy(stage), "epochs": epochs, "name": f"{head}-alone", "teacher_forcing": None}
+        if head != "findings":  # the model keeps its (required) findings head, but it teaches the encoder nothing
+            alone["loss"] = {**(alone.get("loss") or {}), "head_weights": {"findings": 0.0}}
+        raw["stages"] = [alone]
         raw["monitor"] = {"metric": {"findings": "val/findings/macro_auc", "boxes": "val/boxes/map50",
                                      "mask": "val/mask/dice"}[head]}
         folder, seconds = run(f"alone-{head}", raw, cache)
