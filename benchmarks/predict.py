@@ -235,6 +235,7 @@ def main() -> None:
     parser.add_argument("--cxr-epochs", type=int, default=10, help="epochs of the covid-resnet-cpu run trained here")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--end-to-end-images", type=int, default=300)
+    parser.add_argument("--train-only", action="store_true", help="train the runs (on a busy machine), measure later")
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -245,6 +246,8 @@ def main() -> None:
     for name in args.only.split(","):
         folder, seconds = run(name, recipe(name, args.manifest.resolve(), args.cxr_epochs), CACHE)
         print(f"{name}: run {folder} ({'trained in %.0f s' % seconds if seconds else 'reused'})", flush=True)
+        if args.train_only:
+            continue
         results["models"][name] = measure_model(name, folder, args.manifest, args.repeats)
         if name == "covid-resnet-cpu":
             results["models"][name]["end_to_end"] = end_to_end(folder, args.manifest, args.end_to_end_images)

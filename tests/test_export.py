@@ -177,3 +177,26 @@ def test_the_viewer_serves_the_export_without_a_heat_map(exported, images):
     body = answer.json()
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert any("no Grad-CAM" in note for note in body["notes"]) and body["pictures"]
+
+
+def test_prefetch_keeps_the_order_and_overlaps_the_work():
+    import threading
+    import time
+
+    from lungscreen.inference.predict import prefetched
+
+    seen_threads = set()
+
+    def slow_square(value: int) -> int:
+        seen_threads.add(threading.current_thread().name)
+        time.sleep(0.01 * (value % 3))
+        return value * value
+
+    assert list(prefetched(slow_square, range(20), workers=2, ahead=4)) == [v * v for v in range(20)]
+    assert seen_threads and all(name.startswith("lungscreen-decode") for name in seen_threads)
+
+    def fails(value: int) -> int:
+        raise ValueError(f"bad {value}")
+
+    with pytest.raises(ValueError, match="bad 0"):
+        list(prefetched(fails, range(3), workers=1, ahead=2))

@@ -188,3 +188,13 @@ def test_the_page_shows_an_answer_in_headless_chromium(server, shared_data, tmp_
             browser.close()
     assert problems == []
     assert (tmp_path / "viewer.png").stat().st_size > 10_000
+
+
+def test_predict_rows_name_the_operating_point_that_decided_them(checkpoint, tmp_path):
+    from lungscreen.inference.predict import predict_paths
+
+    (tmp_path / "chest.png").write_bytes(png_bytes())
+    row = predict_paths(checkpoint, [tmp_path]).iloc[0]
+    assert row["decided_by"] == "COVID-19 if p >= 0.3 (operating point: sensitivity/COVID-19 >= 0.95, on val split)"
+    assert row["prediction"] == ("COVID-19" if row["COVID-19"] >= 0.3 else
+                                 max(["normal", "pneumonia"], key=lambda name: row[name]))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from training_fixtures import make_manifest, tiny_recipe, write_recipe
 
-from lungscreen.inference.predict import predict_paths
+from lungscreen.inference.predict import Predictor, predict_paths
 from lungscreen.models import load_checkpoint
 from lungscreen.training.config import from_dict
 from lungscreen.training.engine import train
@@ -84,9 +84,10 @@ def test_run_folder_freezing_lr_finder_tracking_and_predict(manifest, tmp_path):
         shutil.copy(path, folder / path.name)
     (tmp_path / "new" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     frame = predict_paths(run, [tmp_path / "new"])
-    assert list(frame.columns) == ["path", "frame", "normal", "pneumonia", "COVID-19", "prediction", "ood", "ood_score", "note",
-                                     "error"]
+    assert list(frame.columns) == ["path", "frame", "normal", "pneumonia", "COVID-19", "prediction", "decided_by", "ood",
+                                     "ood_score", "note", "error"]
     assert len(frame) == 4
+    assert set(frame.loc[frame["error"] == "", "decided_by"]) == {Predictor(run).decision_rule}
     broken = frame[frame["path"].str.endswith("broken.png")].iloc[0]
     assert broken["error"] and np.isnan(broken["COVID-19"]) and broken["prediction"] == ""
     good = frame[frame["error"] == ""]

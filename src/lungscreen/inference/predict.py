@@ -22,7 +22,7 @@ images were, ``ood_score`` is that distance over the threshold.
 Example:
     >>> frame = predict_paths("runs/covid-resnet-cpu", ["new_images/"])       # doctest: +SKIP
     >>> list(frame.columns)                                                     # doctest: +SKIP
-    ['path', 'frame', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'ood', 'ood_score', 'error']
+    ['path', 'frame', 'normal', 'pneumonia', 'COVID-19', 'prediction', 'decided_by', 'ood', 'ood_score', 'note', 'error']
 """
 
 from __future__ import annotations
@@ -154,6 +154,14 @@ class Predictor:
             out.append(answer)
         return out
 
+    @property
+    def decision_rule(self) -> str:
+        """How ``prediction`` is decided, as written in every output row (``decided_by``)."""
+        point = self.spec.operating_point
+        if point is None:
+            return "most probable class (no operating point stored)"
+        return f"{point.positive_class} if p >= {point.threshold:.4g} (operating point: {point.rule}, on {point.chosen_on})"
+
     def decide(self, probabilities: np.ndarray) -> str:
         """The predicted class: the stored operating point when there is one, else the most probable class."""
         point = self.spec.operating_point
@@ -245,7 +253,7 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
 
     Returns:
         One row per image (per frame for multi-frame DICOM): ``path``, ``frame``, a probability column
-        per class (named by the class), ``prediction``, ``ood`` and ``ood_score`` (see the module
+        per class (named by the class), ``prediction`` and ``decided_by`` (the stored operating point), ``ood`` and ``ood_score`` (see the module
         docstring), ``note`` (e.g. scored despite another modality) and ``error`` (empty, or why the image
         could not be used); a multi-task run adds ``screened``, ``boxes`` and ``mask``.
     """
@@ -273,7 +281,8 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
         extra = {"screened": False, "boxes": "", "mask": ""} if predictor.multitask else {}
         scored = item.sample is not None
         return {"path": str(item.path), "frame": "" if item.frame is None else item.frame,
-                **{name: np.nan for name in predictor.class_names}, "prediction": "", **extra,
+                **{name: np.nan for name in predictor.class_names}, "prediction": "",
+                "decided_by": predictor.decision_rule if scored else "", **extra,
                 "ood": bool(scored and item.score > 1.0), "ood_score": round(item.score, 3) if scored else np.nan,
                 "note": item.note, "error": item.error}
 
@@ -293,7 +302,8 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
             progress(done)
     flush()
     extra = ["screened", "boxes", "mask"] if predictor.multitask else []
-    columns = ["path", "frame", *predictor.class_names, "prediction", *extra, "ood", "ood_score", "note", "error"]
+    columns = ["path", "frame", *predictor.class_names, "prediction", "decided_by", *extra, "ood", "ood_score", "note",
+               "error"]
     return pd.DataFrame(rows, columns=columns)
 
 
