@@ -18,7 +18,8 @@ from lungscreen.inference.predict import Predictor
 
 #: Phantoms and a recipe that trains in about half a minute: bacterial pneumonia (a dense consolidation, which
 #: a small network learns from a few hundred phantoms; the faint COVID-19 haze it does not) against normal,
-#: one source (Kermany's layout), 128 px.
+#: one source (Kermany's layout), 128 px. Adam at 1e-3: at 3e-3 the network did not learn on an AMD EPYC
+#: (fp32 kernels differ by CPU; test macro AUC 0.57), at 1e-3 it reaches 0.77 validation accuracy there.
 PHANTOMS = 800
 TASK = {"name": "consolidation", "classes": ["normal", "bacterial"],
         "mapping": {"normal": "normal", "bacterial": "bacterial"}}
@@ -28,7 +29,7 @@ RECIPE = {
              "balance": {"method": "weighted"}},
     "model": {"name": "resnet18", "options": {"width": 16}},
     "stages": [{"name": "all", "epochs": 20, "image_size": 128, "train": "all",
-                "optimizer": {"name": "adam", "lr": 3.0e-3}, "schedule": {"name": "one_cycle"}}],
+                "optimizer": {"name": "adam", "lr": 1.0e-3}, "schedule": {"name": "one_cycle"}}],
 }
 
 
