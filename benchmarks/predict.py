@@ -14,7 +14,7 @@ For each, on its test split prepared once through the run's own input path:
 
 * model-only ms per image (batches of 32, median of ``--repeats`` passes after a warm-up) for eager fp32,
   channels-last + bf16 autocast, ``torch.compile``, onnxruntime fp32 (all graph optimisations, 2 threads) and
-  onnxruntime int8 (static QDQ, per-channel weights, calibrated on 128 training images);
+  onnxruntime int8 (static QDQ, per-channel weights, calibrated on 128 validation images);
 * against eager fp32: the largest probability difference, the share of unchanged predictions (most
   probable class), and test accuracy with its 95 % patient-bootstrap interval per variant;
 * the **fast path** kept per model: the fastest variant whose predictions agree with eager fp32 on >= 99 %
@@ -168,7 +168,7 @@ def measure_model(name: str, folder: Path, manifest: Path, repeats: int) -> dict
     spec = predictor.spec
     test = prepared(predictor, manifest, "test")
     val = prepared(predictor, manifest, "val", limit=400)
-    calibration = prepared(predictor, manifest, "train", limit=128)["inputs"]
+    calibration = val["inputs"][:128]  # int8 calibration: validation images (no labels used; never test images)
     built = variants(predictor.checkpoint, folder, calibration)
     reference = {split: spec.probabilities(in_batches(built["eager-fp32"][0], data["inputs"]))
                  for split, data in (("test", test), ("val", val))}
