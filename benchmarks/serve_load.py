@@ -38,12 +38,30 @@ def shipped_run() -> Path:
     return HERE.parent / recorded
 
 
-def test_images(manifest: Path, count: int) -> list[Path]:
+def test_images(manifest: Path, count: int, run: Path) -> tuple[list[Path], list[str]]:
+    """The first ``count`` test radiographs the run can take, and the ones it refuses (with why): a refused
+    image is answered 422 by design (e.g. no lungs found), which is the input's fault, not the server's, so
+    the load is made of images the run scores and the refusals are reported beside it."""
     import pandas as pd
+
+    from lungscreen.errors import LungscreenError
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.io.images import read_image
 
     frame = pd.read_parquet(manifest)
     frame = frame[(frame["split"] == "test") & (frame["modality"] == "CXR")]
-    return [Path(p) for p in frame["image_path"].head(count)]
+    predictor = Predictor(run)
+    kept, refused = [], []
+    for path in frame["image_path"]:
+        try:
+            predictor.prepare(read_image(path).pixels)
+        except LungscreenError as error:
+            refused.append(f"{Path(path).name}: {error}")
+            continue
+        kept.append(Path(path))
+        if len(kept) == count:
+            break
+    return kept, refused
 
 
 def rss_mb(pid: int) -> float:
@@ -95,7 +113,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
     run = (args.run or shipped_run()).resolve()
-    images = [path.read_bytes() for path in test_images(args.manifest, args.images)]
+    paths, refused = test_images(args.manifest, args.images, run)
+    images = [path.read_bytes() for path in paths]
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lungscreen", "serve", str(run), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -130,6 +149,7 @@ def main() -> None:
                     "load_average_after": os.getloadavg()},
         "run": str(run.relative_to(HERE.parent)) if run.is_relative_to(HERE.parent) else str(run),
         "requests": args.requests, "concurrency": args.concurrency, "distinct_images": len(images),
+        "refused_before_the_load": refused,
         "errors": len(errors), "first_errors": errors[:5], "wall_seconds": round(wall, 2),
         "throughput_per_second": round(args.requests / wall, 2),
         "latency_seconds": {name: round(float(np.percentile(seconds, q)), 3) for name, q in
