@@ -73,7 +73,7 @@ def export_run(run: str | Path, out: str | Path, *, calibration: Sequence[str | 
             differences.append(export_checkpoint(load_checkpoint(lung_model(step)), lungs))
             step = {**step, "method": "onnx", "model": lungs.name, "weights_sha256": file_sha256(lungs)}
         steps.append(step)
-    spec = with_steps(checkpoint.spec, steps)
+    spec = checkpoint.spec.with_pipeline_steps(steps)
     differences.append(export_checkpoint(checkpoint, out, spec=spec))
     int8 = None
     if calibration:
@@ -89,12 +89,6 @@ def lung_model(step: dict) -> Path:
         raise ConfigError(f"the run's pipeline needs the lung model {step.get('model')} (SHA-256 "
                           f"{str(step.get('weights_sha256'))[:16]}...), which is not on this machine")
     return path
-
-
-def with_steps(spec: InferenceSpec, steps: list[dict]) -> InferenceSpec:
-    """``spec`` with other pipeline steps (same pipeline name)."""
-    pipeline = {**spec.input.pipeline, "steps": steps}
-    return spec.model_copy(update={"input": spec.input.model_copy(update={"pipeline": pipeline})})
 
 
 def calibration_batches(spec: InferenceSpec, inputs: Sequence[str | Path], limit: int,

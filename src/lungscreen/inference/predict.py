@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,9 +287,7 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
                 "ood": bool(scored and item.score > 1.0), "ood_score": round(item.score, 3) if scored else np.nan,
                 "note": item.note, "error": item.error}
 
-    def load(path: Path) -> list[Loaded]:
-        return load_file(predictor, path)
-
+    load = functools.partial(load_file, predictor)
     files = iter_image_files(*inputs)
     loaded = prefetched(load, files, workers=workers, ahead=2 * batch_size) if workers else map(load, files)
     for done, items in enumerate(loaded, start=1):

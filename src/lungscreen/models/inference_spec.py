@@ -217,6 +217,11 @@ class InferenceSpec(BaseModel):
             return softmax(logits, axis=1)
         return expit(logits)
 
+    def with_pipeline_steps(self, steps: list[dict[str, Any]]) -> InferenceSpec:
+        """The spec with other preprocessing steps (same pipeline name): an export's rebound lung model."""
+        pipeline = {**self.input.pipeline, "steps": steps}
+        return self.model_copy(update={"input": self.input.model_copy(update={"pipeline": pipeline})})
+
     def with_operating_point(self, point: OperatingPoint | None) -> InferenceSpec:
         return self.model_copy(update={"operating_point": point})
 

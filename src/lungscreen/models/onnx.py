@@ -143,8 +143,7 @@ def beside(spec: InferenceSpec, folder: Path) -> InferenceSpec:
                                    "beside the model (a bare file name)")
             step = {**step, "model": str(folder / name)}
         steps.append(step)
-    pipeline = {**spec.input.pipeline, "steps": steps}
-    return spec.model_copy(update={"input": spec.input.model_copy(update={"pipeline": pipeline})})
+    return spec.with_pipeline_steps(steps)
 
 
 class OnnxModel:
