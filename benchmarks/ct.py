@@ -1,17 +1,22 @@
 """CT screening, step by step: what each lever adds on the UCSD COVID-CT patient-level test split.
 
-Rows, for each of the two CT recipes (``light-ct-cpu``: paper 002's light CNN; ``resnet`` variant: a
-width-32 ResNet-18 at the same size), each adding one lever to the row above:
+Rows, for each of the two CT recipes (``light``: paper 002's light CNN, ``light-ct-cpu``; ``resnet``: a
+width-32 ResNet-18 at the same size and settings):
 
-1. ``scratch``: the recipe as shipped, pipeline ``none`` (today's figure);
+1. ``scratch``: the recipe with pipeline ``none`` (stop 17's figure);
 2. ``+ctcrop``: the CT body crop and percentile window (``pipeline: ctcrop``);
-3. ``+simclr``: self-supervised pre-training on every CT slice (test split excluded) before fine-tuning
-   (``light-ct-simclr-cpu``'s first stage in front of the recipe);
-4. ``+cxr``: the fine-tuning starts from the same network trained on the shared chest X-ray pool
-   (binary COVID-19, the CXR run made here once per backbone).
 
-Tuned rates (``lungscreen tune light-ct-cpu --trials 30``) enter as a row when ``--study`` names a finished
-study's best parameters (JSON), since the search alone costs hours on two cores.
+then one lever at a time on top of whichever of the two scored better on validation:
+
+3. ``+tuned``: the best rates of a ``lungscreen tune light-ct-cpu --trials 30`` search (``--study FOLDER``;
+   its summary goes into the JSON);
+4. ``+simclr``: self-supervised pre-training on every CT slice (test split excluded) before fine-tuning
+   (``light-ct-simclr-cpu``'s first stage in front of the recipe);
+5. ``+cxr``: the fine-tuning starts from the same network trained on the shared chest X-ray pool
+   (binary COVID-19, the CXR run made here once per backbone; its seconds count in the row's CPU time);
+
+and, when more than one lever beat its start on validation, those levers together. The row with the best
+validation accuracy (AUC on a tie) is marked ``chosen_on_validation``: the recipe to ship.
 
 Every row: accuracy, AUC, COVID-19 sensitivity, specificity and F1 on the UCSD test split with 95 %
 patient-bootstrap intervals (from the run's own test step, at its validation-chosen operating point),
@@ -38,15 +43,33 @@ HERE = Path(__file__).resolve().parent
 TARGET = HERE / "results" / "ct.json"
 FIGURES = ("accuracy", "auc/COVID-19", "sensitivity/COVID-19", "specificity/COVID-19", "f1/COVID-19")
 BACKBONES = {"light": {"name": "squeezenet_ct"}, "resnet": {"name": "resnet18", "options": {"width": 32}}}
+#: The starting point of every row, whatever the shipped recipes later became: light-ct-cpu as stop 17
+#: measured it (no pre-processing, paper 002's published SGD rates).
+START = ["data.pipeline=none", "stages.0.optimizer={name: sgd, lr: 0.007132, momentum: 0.87589, weight_decay: 0.9532e-6}"]
 
 
 def recipe(backbone: str, overrides: list[str]) -> dict[str, Any]:
     from lungscreen.training.config import load_config, to_raw
 
-    raw = to_raw(load_config("light-ct-cpu", overrides))
+    raw = to_raw(load_config("light-ct-cpu", [*START, *overrides]))
     raw["model"] = {**raw["model"], **copy.deepcopy(BACKBONES[backbone])}
     raw["name"] = f"ct-{backbone}"
     return raw
+
+
+def study_summary(folder: Path) -> dict[str, Any]:
+    """A ``lungscreen tune`` search folder's study: trials finished and pruned, the best validation value and rates."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+    (name,) = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
+    study = optuna.load_study(study_name=name, storage=storage)
+    count = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+             for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials if t.datetime_complete]
+    return {"folder": shown(folder), "study": name, "trials": count, "search_wall_seconds": round(sum(seconds), 1),
+            "best_trial": study.best_trial.number, "best_value": study.best_value, "best_params": study.best_params}
 
 
 def simclr_stage(overrides: list[str]) -> dict[str, Any]:
@@ -55,8 +78,9 @@ def simclr_stage(overrides: list[str]) -> dict[str, Any]:
     return to_raw(load_config("light-ct-simclr-cpu", overrides))["stages"][0]
 
 
-def cxr_run(backbone: str, base: dict[str, Any], cache: Path, epochs: int) -> Path:
-    """The backbone trained on the chest X-ray pool (binary COVID-19), the start of the transfer rows."""
+def cxr_run(backbone: str, base: dict[str, Any], cache: Path, epochs: int) -> tuple[Path, float]:
+    """The backbone trained on the chest X-ray pool (binary COVID-19), the start of the transfer rows; with its
+    train seconds (part of the CPU time of every row that starts from it)."""
     raw = copy.deepcopy(base)
     raw["name"] = f"cxr-{backbone}"
     raw["data"].update(modality="CXR", sources=None, pipeline="none", augment="light")
@@ -64,7 +88,8 @@ def cxr_run(backbone: str, base: dict[str, Any], cache: Path, epochs: int) -> Pa
                       "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
                       "schedule": {"name": "one_cycle"}}]
     raw["monitor"] = {"metric": "val/auc/COVID-19"}
-    return run(f"cxr-{backbone}", raw, cache)[0]
+    folder = run(f"cxr-{backbone}", raw, cache)[0]
+    return folder, json.loads((folder / "summary.json").read_text())["train_seconds"]
 
 
 def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
@@ -86,40 +111,71 @@ def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
             "figures": {name: figures[name].as_dict() for name in FIGURES if name in figures}}
 
 
-def row(name: str, folder: Path, seconds: float | None, manifest: Path) -> dict[str, Any]:
+def row(name: str, folder: Path, seconds: float | None, manifest: Path, upstream_seconds: float = 0.0) -> dict[str, Any]:
     summary = json.loads((folder / "summary.json").read_text())
     test = summary.get("test") or {}
+    best = summary["best"]
     return {"row": name, "run": shown(folder),
             "train_seconds": summary["train_seconds"], "wall_seconds": seconds,
+            "upstream_train_seconds": upstream_seconds,
+            "cpu_minutes_total": round((summary["train_seconds"] + upstream_seconds) / 60, 1),
+            "validation": {"epoch": best.get("epoch"), "stage": best.get("stage_name"),
+                           **{k: best["figures"].get(f"val/{k}") for k in ("accuracy", "auc/COVID-19")}},
             "test_images": test.get("images"), "operating_point": summary.get("operating_point"),
             "ucsd_test": {k: test.get("figures", {}).get(k) for k in FIGURES},
             "cohen_ct": second_source(folder, manifest)}
 
 
+def validation_score(entry: dict[str, Any]) -> tuple[float, float]:
+    """How rows are compared: validation accuracy (the recipes' monitor), validation AUC on a tie."""
+    return entry["validation"]["accuracy"] or 0.0, entry["validation"]["auc/COVID-19"] or 0.0
+
+
+def with_levers(base: dict[str, Any], levers: list[str], overrides: list[str], study: dict | None,
+                cxr: tuple[Path, float] | None) -> dict[str, Any]:
+    """``base`` with the levers named (``tuned``, ``simclr``, ``cxr``) put in, in that order of the stages."""
+    raw = copy.deepcopy(base)
+    if "tuned" in levers and study:
+        for stage in raw["stages"]:
+            stage["optimizer"].update({k.rsplit(".", 1)[-1]: v for k, v in study.items()})
+    if "simclr" in levers:
+        raw["stages"] = [simclr_stage(overrides), *raw["stages"]]
+    if "cxr" in levers and cxr:
+        raw["model"]["init_from"] = str(cxr[0])
+        raw["model"]["reset_head"] = True
+    return raw
+
+
 def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, study: dict | None,
              cxr_epochs: int) -> list[dict]:
+    """One row per lever, each on top of the better pipeline (chosen on validation), then the final recipe:
+    every lever that beat that pipeline's row on validation, together."""
     base = recipe(backbone, overrides)
-    variants: list[tuple[str, dict[str, Any]]] = [("scratch", copy.deepcopy(base))]
     cropped = copy.deepcopy(base)
     cropped["data"]["pipeline"] = "ctcrop"
-    variants.append(("+ctcrop", cropped))
-    if study:
-        tuned = copy.deepcopy(cropped)
-        tuned["stages"][0]["optimizer"].update({k.rsplit(".", 1)[-1]: v for k, v in study.items()})
-        variants.append(("+tuned", tuned))
-    pretrained = copy.deepcopy(variants[-1][1])
-    pretrained["stages"] = [simclr_stage(overrides), *pretrained["stages"]]
-    variants.append(("+simclr", pretrained))
-    transfer = copy.deepcopy(variants[-1][1])
-    transfer["stages"] = transfer["stages"][-1:]
-    transfer["model"]["init_from"] = str(cxr_run(backbone, base, cache, cxr_epochs))
-    transfer["model"]["reset_head"] = True
-    variants.append(("+cxr", transfer))
-    out = []
-    for name, raw in variants:
+    out: list[dict] = []
+
+    def measured(name: str, raw: dict[str, Any], upstream: float = 0.0) -> dict[str, Any]:
         folder, seconds = run(f"{backbone}{name.replace('+', '-')}", raw, cache)
-        out.append(row(name, folder, seconds, manifest))
-        print(f"{backbone} {name}: {json.dumps(out[-1]['ucsd_test'].get('accuracy'))}", flush=True)
+        out.append(row(name, folder, seconds, manifest, upstream))
+        print(f"{backbone} {name}: validation {out[-1]['validation']}", flush=True)
+        return out[-1]
+
+    scratch, crop = measured("scratch", base), measured("+ctcrop", cropped)
+    start, reference = (cropped, crop) if validation_score(crop) > validation_score(scratch) else (base, scratch)
+    cxr = cxr_run(backbone, base, cache, cxr_epochs)
+    levers = ["tuned", "simclr", "cxr"] if study else ["simclr", "cxr"]
+    kept = []
+    for lever in levers:
+        entry = measured(f"+{lever}", with_levers(start, [lever], overrides, study, cxr),
+                         cxr[1] if lever == "cxr" else 0.0)
+        if validation_score(entry) > validation_score(reference):
+            kept.append(lever)
+    if len(kept) > 1:
+        measured("+" + "+".join(kept), with_levers(start, kept, overrides, study, cxr), cxr[1] if "cxr" in kept else 0.0)
+    final = max(out, key=validation_score)
+    for entry in out:
+        entry["chosen_on_validation"] = entry is final
     return out
 
 
@@ -128,14 +184,17 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, default=HERE / "cache" / "shared-manifest.parquet")
     parser.add_argument("--only", default=",".join(BACKBONES))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--study", type=Path, default=None, help="JSON of a finished tune study's best parameters")
+    parser.add_argument("--study", type=Path, default=None, help="search folder of a finished `lungscreen tune` (study.db)")
     parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray run behind +cxr")
     parser.add_argument("--cache", type=Path, default=HERE / "cache" / "ct")
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
     overrides = [f"data.manifest={args.manifest.resolve()}", *args.overrides]
-    study = json.loads(args.study.read_text()) if args.study else None
+    search = study_summary(args.study) if args.study else None
+    study = search["best_params"] if search else None
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if search:
+        results["tune"] = search
     results.update({"manifest": str(args.manifest), "overrides": args.overrides, "machine": {"cpus": os.cpu_count()},
                     "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}})
     for backbone in args.only.split(","):

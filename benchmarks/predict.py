@@ -72,6 +72,7 @@ def prepared(predictor, manifest: Path, split: str, limit: int | None = None) ->
     """A split's images through the run's input path: inputs (N, C, S, S) float32, targets, patients, paths."""
     from lungscreen.audit.evaluate import evaluation_rows
     from lungscreen.data.manifest import load_manifest
+    from lungscreen.errors import LungscreenError
     from lungscreen.io.images import read_image
     from lungscreen.preprocessing.model_input import to_array
 
@@ -84,7 +85,7 @@ def prepared(predictor, manifest: Path, split: str, limit: int | None = None) ->
         try:
             pictures.append(predictor.prepare(read_image(path).pixels).image)
             keep.append(index)
-        except Exception:  # noqa: BLE001 - a refused image (no lungs found) is left out, counted below
+        except LungscreenError:  # a refused image (unreadable, no lungs found) is left out, counted below
             continue
     rows = rows.iloc[keep].reset_index(drop=True)
     return {"inputs": to_array(pictures, predictor.spec.input), "targets": rows["target"].to_numpy(),

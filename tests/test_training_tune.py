@@ -53,3 +53,5 @@ def test_tune_killed_and_resumed_ends_with_six_trials(tmp_path):
     for name in ("trials.csv", "trials.png", "best.yaml"):
         assert (out / name).is_file(), name
     assert "trials" in resumed.stdout
+    trial_runs = sorted(out.glob("trial-*"))
+    assert trial_runs and not any((run / "test.json").exists() for run in trial_runs)  # chosen on validation only

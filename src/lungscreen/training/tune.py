@@ -4,7 +4,8 @@ Paper 002 tuned the initial learning rate, the momentum and the L2 term by Bayes
 (30 trials x 20 epochs); :data:`~lungscreen.training.config.DEFAULT_SEARCH` is that space, and a recipe's
 ``tune.params`` can name any other dotted key (``stages.*.optimizer.lr`` sets every stage). Each trial is
 a normal run in ``OUT/trial-NNN``; its validation figure (``tune.metric``, the recipe's monitor by default)
-is reported every epoch so the median pruner can stop hopeless trials early.
+is reported every epoch so the median pruner can stop hopeless trials early. Trials never score the test
+split (``test: false``): a search must not look at it thirty times; the best recipe's own run does, once.
 
 The study lives in a database: SQLite in the output folder by default, or any SQLAlchemy URL, so several
 machines can work on one study (``--storage postgresql://...``). It is resumable: a killed search picks up
@@ -16,6 +17,7 @@ again with the same parameters.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +42,16 @@ class TuneResult:
 def open_study(config: TrainConfig, out: Path, *, storage: str | None = None, study_name: str | None = None):  # noqa: ANN201
     """Create or load the study (TPE sampler, median pruner, heartbeat so dead trials are retried)."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     tune = config.tune
     metric, mode = tune_metric(config)
     url = storage or tune.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     try:
-        rdb = RDBStorage(url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in optuna since 2.8; it is what resumes
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = RDBStorage(url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as error:  # noqa: BLE001 - SQLAlchemy raises many kinds; the URL is user input
         raise ConfigError(f"tune.storage: cannot open {url}: {error}") from None
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=1)
@@ -107,7 +111,7 @@ def run_search(config: TrainConfig, *, trials: int | None = None, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(config, out, storage=storage, study_name=study_name)
     metric, mode = tune_metric(config)
-    base = to_raw(config)
+    base = {**to_raw(config), "test": False}  # trials are chosen on validation; the test split is not looked at
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def objective(trial) -> float:  # noqa: ANN001
