@@ -182,7 +182,7 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=HERE / "cache" / "shared-manifest.parquet")
-    parser.add_argument("--only", default=",".join(BACKBONES))
+    parser.add_argument("--only", default=",".join(BACKBONES), help="backbones to run ('none': only record --study)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--study", type=Path, default=None, help="search folder of a finished `lungscreen tune` (study.db)")
     parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray run behind +cxr")
@@ -195,13 +195,19 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if search:
         results["tune"] = search
-    results.update({"manifest": str(args.manifest), "overrides": args.overrides, "machine": {"cpus": os.cpu_count()},
+    results.update({"manifest": str(args.manifest), "machine": {"cpus": os.cpu_count()},
                     "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}})
-    for backbone in args.only.split(","):
+    for backbone in [name for name in args.only.split(",") if name not in ("", "none")]:
         results[backbone] = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        results.setdefault("overrides", {})[backbone] = args.overrides
+        write(results, args.out)
+    write(results, args.out)
     print(f"wrote {args.out}")
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,22 @@ def test_preprocessed_manifest_trains_as_is_and_predict_applies_its_pipeline(man
     assert load_checkpoint(run / "best.pt").spec.input.pipeline["name"] == "equalize"
     frame = predict_paths(run, sorted(Path(manifest).parent.glob("*.png"))[:2])
     assert (frame["error"] == "").all()
+
+
+def test_only_stages_validated_like_the_last_choose_best_pt(tmp_path):
+    """best.pt is for the last stage's task and images: a pre-training stage on another task or modality scores
+    other answers (tartaglione's pneumonia stage, a CXR stage before CT fine-tuning) and must not give it."""
+    from types import SimpleNamespace
+
+    from lungscreen.training.engine import RunContext
+
+    recipe = tiny_recipe(make_manifest(tmp_path / "data", per_class=4))
+    recipe["data"]["task"] = "binary"
+    recipe["stages"] = [
+        {"name": "pneumonia", "data": {"task": "covidx"}},
+        {"name": "other-modality", "data": {"modality": "CT"}},
+        {"name": "smaller", "image_size": 32, "data": {"augment": None, "balance": {"method": "none"}}},
+        {"name": "binary", "image_size": 64},
+    ]
+    run = SimpleNamespace(config=from_dict(recipe))
+    assert [RunContext.chooses_best(run, i) for i in range(4)] == [False, False, True, True]

@@ -61,13 +61,14 @@ def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module 
             self.run.record_epoch(row)
 
     class BestCheckpoint(L.Callback):
-        """Keeps best.pt: the epoch with the best ``monitor`` figure, ties broken by the lower val loss."""
+        """Keeps best.pt: the epoch with the best ``monitor`` figure, ties broken by the lower val loss, among the
+        stages validated like the last one (:meth:`RunContext.chooses_best`)."""
 
         def __init__(self, run: RunContext, stage_index: int) -> None:
             self.run, self.stage_index = run, stage_index
 
         def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
-            if trainer.sanity_checking or not module.last_validation:
+            if trainer.sanity_checking or not module.last_validation or not self.run.chooses_best(self.stage_index):
                 return
             metric, mode = self.run.monitor
             value = module.last_validation.get(metric, float("nan"))

@@ -121,6 +121,15 @@ class RunContext:
     def metrics_path(self) -> Path:
         return self.dir / "metrics.csv"
 
+    def chooses_best(self, stage_index: int) -> bool:
+        """Whether stage ``stage_index`` may give best.pt: only when it validates on the last stage's images
+        and task (what best.pt is for). A pre-training stage on another task or modality scores other answers."""
+        def validated_on(index: int) -> tuple:
+            data = self.config.stage_data(index)
+            return data.manifest, data.task, data.modality, data.views, data.sources, data.val_split
+
+        return validated_on(stage_index) == validated_on(len(self.config.stages) - 1)
+
     def history(self) -> pd.DataFrame:
         return pd.read_csv(self.metrics_path) if self.metrics_path.exists() else pd.DataFrame()
 
