@@ -147,7 +147,7 @@ def with_levers(base: dict[str, Any], levers: list[str], overrides: list[str], s
 
 
 def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, study: dict | None,
-             cxr_epochs: int) -> list[dict]:
+             cxr_epochs: int, combine: bool = True) -> list[dict]:
     """One row per lever, each on top of the better pipeline (chosen on validation), then the final recipe:
     every lever that beat that pipeline's row on validation, together."""
     base = recipe(backbone, overrides)
@@ -171,7 +171,7 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
                          cxr[1] if lever == "cxr" else 0.0)
         if validation_score(entry) > validation_score(reference):
             kept.append(lever)
-    if len(kept) > 1:
+    if len(kept) > 1 and combine:
         measured("+" + "+".join(kept), with_levers(start, kept, overrides, study, cxr), cxr[1] if "cxr" in kept else 0.0)
     final = max(out, key=validation_score)
     for entry in out:
@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--study", type=Path, default=None, help="search folder of a finished `lungscreen tune` (study.db)")
     parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray run behind +cxr")
+    parser.add_argument("--no-combine", dest="combine", action="store_false",
+                        help="do not run the levers that beat the start together (said in the JSON)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache" / "ct")
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
@@ -198,8 +200,9 @@ def main() -> None:
     results.update({"manifest": str(args.manifest), "machine": {"cpus": os.cpu_count()},
                     "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}})
     for backbone in [name for name in args.only.split(",") if name not in ("", "none")]:
-        results[backbone] = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs)
+        results[backbone] = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs, args.combine)
         results.setdefault("overrides", {})[backbone] = args.overrides
+        results.setdefault("combined", {})[backbone] = args.combine
         write(results, args.out)
     write(results, args.out)
     print(f"wrote {args.out}")
