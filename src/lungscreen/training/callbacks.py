@@ -66,9 +66,10 @@ def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module 
 
         def __init__(self, run: RunContext, stage_index: int) -> None:
             self.run, self.stage_index = run, stage_index
+            self.competes = run.chooses_best(stage_index)
 
         def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
-            if trainer.sanity_checking or not module.last_validation or not self.run.chooses_best(self.stage_index):
+            if trainer.sanity_checking or not module.last_validation or not self.competes:
                 return
             metric, mode = self.run.monitor
             value = module.last_validation.get(metric, float("nan"))
