@@ -178,9 +178,25 @@ def test_preprocessed_manifest_trains_as_is_and_predict_applies_its_pipeline(man
     assert (frame["error"] == "").all()
 
 
+def test_each_stage_preprocesses_its_own_way_and_its_checkpoints_say_so(manifest, tmp_path):
+    """A pre-training stage without preprocessing, then a stage on equalized images (CXR pre-training, then
+    the CT body crop, in one recipe): each stage's checkpoint stores its own pipeline, and best.pt comes from
+    the stage that saw what the final model eats."""
+    recipe = tiny_recipe(manifest)
+    recipe["stages"][1]["data"] = {"pipeline": "equalize"}
+    result = train(from_dict(recipe), out=tmp_path / "run", quiet=True)
+    run = result.run_dir
+    first, last = (load_checkpoint(run / f"stages/{name}/final.pt") for name in ("00-head", "01-all"))
+    assert first.spec.input.pipeline["name"] == "none" and last.spec.input.pipeline["name"] == "equalize"
+    assert load_checkpoint(run / "best.pt").spec.input.pipeline["name"] == "equalize"
+    assert result.best["stage"] == 1  # the unequalized stage scored other inputs
+    assert first.spec.reference != last.spec.reference  # its inputs were not the same images
+
+
 def test_only_stages_validated_like_the_last_choose_best_pt(tmp_path):
-    """best.pt is for the last stage's task and images: a pre-training stage on another task or modality scores
-    other answers (tartaglione's pneumonia stage, a CXR stage before CT fine-tuning) and must not give it."""
+    """best.pt is for the last stage's task and images: a pre-training stage on another task, modality or
+    preprocessing scores other answers (tartaglione's pneumonia stage, a CXR stage before CT fine-tuning) and
+    must not give it."""
     from types import SimpleNamespace
 
     from lungscreen.training.engine import RunContext
@@ -190,8 +206,9 @@ def test_only_stages_validated_like_the_last_choose_best_pt(tmp_path):
     recipe["stages"] = [
         {"name": "pneumonia", "data": {"task": "covidx"}},
         {"name": "other-modality", "data": {"modality": "CT"}},
+        {"name": "other-pipeline", "data": {"pipeline": "equalize"}},
         {"name": "smaller", "image_size": 32, "data": {"augment": None, "balance": {"method": "none"}}},
         {"name": "binary", "image_size": 64},
     ]
     run = SimpleNamespace(config=from_dict(recipe))
-    assert [RunContext.chooses_best(run, i) for i in range(4)] == [False, False, True, True]
+    assert [RunContext.chooses_best(run, i) for i in range(5)] == [False, False, False, True, True]

@@ -32,6 +32,7 @@ MLflow tracking in :mod:`~lungscreen.training.tracking`.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import time
@@ -122,11 +123,13 @@ class RunContext:
         return self.dir / "metrics.csv"
 
     def chooses_best(self, stage_index: int) -> bool:
-        """Whether stage ``stage_index`` may give best.pt: only when it validates on the last stage's images
-        and task (what best.pt is for). A pre-training stage on another task or modality scores other answers."""
+        """Whether stage ``stage_index`` may give best.pt: only when it validates on the last stage's images,
+        task and preprocessing (what best.pt is for). A pre-training stage on another task, modality or
+        pipeline scores other answers."""
         def validated_on(index: int) -> tuple:
             data = self.config.stage_data(index)
-            return data.manifest, data.task, data.modality, data.views, data.sources, data.val_split
+            return data.manifest, data.task, data.modality, data.views, data.sources, data.val_split, \
+                data.pipeline
 
         return validated_on(stage_index) == validated_on(len(self.config.stages) - 1)
 
@@ -156,7 +159,7 @@ class RunContext:
     def spec(self, stage_index: int) -> InferenceSpec:
         """The inference spec of the model as stage ``stage_index`` trains it."""
         stage, plan = self.config.stages[stage_index], self.prepared.stages[stage_index]
-        return inference_spec(stage, plan, self.prepared, self.config.model.in_channels,
+        return inference_spec(stage, plan, self.config.model.in_channels,
                               self.reference(stage_index))
 
     def reference(self, stage_index: int) -> IntensityReference:
@@ -184,7 +187,7 @@ class RunContext:
         write_json(self.dir / "best.json", self.best)
 
 
-def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_channels: int,
+def inference_spec(stage: StageConfig, plan: StagePlan, in_channels: int,
                    reference: IntensityReference | None = None) -> InferenceSpec:
     """What a model trained by ``stage`` eats and emits: written into every checkpoint of the run."""
     task = plan.task
@@ -193,7 +196,7 @@ def inference_spec(stage: StageConfig, plan: StagePlan, prepared: Prepared, in_c
     else:
         heads = [Head(kind=task.kind, classes=list(task.classes))]
     views = stage_views(plan.data)
-    return InferenceSpec(input=InputSpec(size=stage.image_size, channels=in_channels, pipeline=prepared.pipeline.to_dict()),
+    return InferenceSpec(input=InputSpec(size=stage.image_size, channels=in_channels, pipeline=plan.pipeline.to_dict()),
                          heads=heads, task=task_name(task), modality=plan.data.modality,
                          task_definition=None if isinstance(task, dict) else task.to_dict(),
                          views=list(views) if views else None, reference=reference)
@@ -323,12 +326,12 @@ def _store_for(context: RunContext, plan: StagePlan, split: str):  # noqa: ANN20
     from lungscreen.training.data import ImageStore
 
     frame = plan.frames[split]
-    key = (str(plan.data.manifest), split, task_name(plan.task), len(frame))
+    pipeline = json.dumps(plan.pipeline.to_dict(), sort_keys=True, default=str)
+    key = (str(plan.data.manifest), split, task_name(plan.task), len(frame), pipeline)
     stores = context.stores
     if key not in stores:
-        prepared = context.prepared
-        store = ImageStore(frame, prepared.pipeline, prepared.sizes, cache_dir=plan.data.cache_dir,
-                           already_applied=prepared.already_applied, with_masks=needs_masks(plan.task))
+        store = ImageStore(frame, plan.pipeline, context.prepared.sizes, cache_dir=plan.data.cache_dir,
+                           already_applied=plan.already_applied, with_masks=needs_masks(plan.task))
         terminal = Console(file=terminal_stream())  # drawn on the terminal, never into log.txt
         with Progress(console=terminal, transient=True, disable=not terminal.is_terminal) as progress:
             job = progress.add_task(f"loading {split} images", total=len(store))

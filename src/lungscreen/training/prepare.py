@@ -60,26 +60,35 @@ class DistEnv:
 
 @dataclass
 class StagePlan:
-    """The data of one stage: its task and its rows per split."""
+    """The data of one stage: its task, its rows per split and its preprocessing.
+
+    Stages may preprocess differently (a CXR pre-training stage none, the CT stage after it the body crop):
+    each stage's checkpoints store the pipeline that stage trained with.
+    """
 
     task: Task
     data: DataConfig
     frames: dict[str, pd.DataFrame]
+    pipeline: Pipeline  # resolved: what the stage's checkpoints store in their inference spec
+    already_applied: bool = False  # the manifest holds images `lungscreen preprocess` already made
 
 
 @dataclass
 class Prepared:
-    """A checked recipe: its stages' data, the starting model and the run's resolved preprocessing."""
+    """A checked recipe: its stages' data and the starting model."""
 
     config: TrainConfig
     stages: list[StagePlan]
     model: Any  # the stage-0 model built while checking (reused by a fresh run), or None
-    pipeline: Pipeline  # resolved: what every checkpoint of the run stores in its inference spec
-    already_applied: bool = False  # the manifest holds images `lungscreen preprocess` already made
 
     @property
     def sizes(self) -> list[int]:
         return sorted({stage.image_size for stage in self.config.stages})
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The last stage's preprocessing: what the run's final model eats."""
+        return self.stages[-1].pipeline
 
 
 def manifest_pipeline(manifest: pd.DataFrame, path: str, configured: Any, key: str) -> tuple[Any, bool]:
@@ -237,6 +246,7 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
         if stage.init_from:
             checkpoint_of(stage.init_from, f"stages.{index}.init_from")
     manifests: dict[str, pd.DataFrame] = {}
+    resolved: dict[str, Pipeline] = {}
     plans = []
     for index, stage in enumerate(config.stages):
         data = config.stage_data(index)
@@ -255,7 +265,8 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
         else:
             frames = stage_rows(manifest, data, task, key)
         build_augment(data.augment, f"{key}.augment")
-        pipeline_of(data.pipeline, f"{key}.pipeline")
+        pipeline, already = manifest_pipeline(manifest, data.manifest, data.pipeline, key)
+        pipeline = resolved_once(pipeline, f"{key}.pipeline", resolved)
         if data.balance.method not in ("none", "alternate") and not isinstance(task, Task):
             raise ConfigError(f"{key}.balance: a multi-task run has no single class to balance; use method none "
                               "(or alternate, batches from one head's data at a time)")
@@ -266,18 +277,12 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
             if not (frames[data.train_split]["target"] == positive).any():
                 raise ConfigError(f"{key}.balance: covid_percent needs {data.balance.positive_class} images in the "
                                   "training split")
-        plans.append(StagePlan(task, data, frames))
-    choices = {json.dumps(manifest_pipeline(manifests[p.data.manifest], p.data.manifest, p.data.pipeline,
-                                            "data"), sort_keys=True, default=str) for p in plans}
-    if len(choices) > 1:
-        raise ConfigError("data.pipeline: every stage must use the same preprocessing (the checkpoint stores one)")
-    pipeline, already = manifest_pipeline(manifests[plans[0].data.manifest], plans[0].data.manifest,
-                                          plans[0].data.pipeline, "data")
+        plans.append(StagePlan(task, data, frames, pipeline, already))
     if model is not None:
         groups = len(layer_groups(model))
         for index, stage in enumerate(config.stages):
             selected_groups(stage.train, groups, f"stages.{index}.train")
-    return Prepared(config, plans, model, resolved_pipeline(pipeline, "data.pipeline"), already)
+    return Prepared(config, plans, model)
 
 
 def pipeline_of(spec: Any, key: str = "data.pipeline") -> Pipeline:
@@ -288,6 +293,14 @@ def pipeline_of(spec: Any, key: str = "data.pipeline") -> Pipeline:
         return preprocessing.load_pipeline("none" if spec is None else spec)
     except LungscreenError as error:
         raise ConfigError(f"{key}: {error}") from None
+
+
+def resolved_once(spec: Any, key: str, resolved: dict[str, Pipeline]) -> Pipeline:
+    """:func:`resolved_pipeline`, once per distinct spec of a run (resolving may hash a segmenter's file)."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    if text not in resolved:
+        resolved[text] = resolved_pipeline(spec, key)
+    return resolved[text]
 
 
 def resolved_pipeline(spec: Any, key: str) -> Pipeline:
