@@ -23,7 +23,7 @@ patient-bootstrap intervals (from the run's own test step, at its validation-cho
 and the same on a second source, Cohen's CT images (small: read its intervals); train seconds on 2 cores.
 best.pt is chosen on validation inside each run; the test split is reported, never used to choose.
 
-    nice .venv/bin/python benchmarks/ct.py [--manifest M] [--only light,resnet] [--set key=value ...]
+    nice .venv/bin/python benchmarks/ct.py [--manifest M] [--only light,resnet] [--seeds 1,2] [--set key=value ...]
 
 Writes ``benchmarks/results/ct.json`` (after every row; finished runs in ``benchmarks/cache/ct/`` are reused).
 """
@@ -146,18 +146,42 @@ def with_levers(base: dict[str, Any], levers: list[str], overrides: list[str], s
     return raw
 
 
+def seed_spread(name: str, raw: dict[str, Any], seeds: list[int], cache: Path, first: dict[str, Any]) -> dict:
+    """The row's recipe again with other seeds: validation and test figures per seed, their mean and standard
+    deviation (each seed is one more look at the test split)."""
+    import numpy as np
+
+    figures = {"seed": [raw["seed"]], "val_accuracy": [first["validation"]["accuracy"]],
+               "test_accuracy": [first["ucsd_test"]["accuracy"]["value"]],
+               "test_auc": [first["ucsd_test"]["auc/COVID-19"]["value"]]}
+    for seed in seeds:
+        folder = run(f"{name}-seed{seed}", {**copy.deepcopy(raw), "seed": seed}, cache)[0]
+        summary = json.loads((folder / "summary.json").read_text())
+        test = summary["test"]["figures"]
+        figures["seed"].append(seed)
+        figures["val_accuracy"].append(summary["best"]["figures"].get("val/accuracy"))
+        figures["test_accuracy"].append(test["accuracy"]["value"])
+        figures["test_auc"].append(test["auc/COVID-19"]["value"])
+    spread = {key: {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))}
+              for key, values in figures.items() if key != "seed"}
+    return {**figures, "spread": spread}
+
+
 def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, study: dict | None,
-             cxr_epochs: int, combine: bool = True) -> list[dict]:
+             cxr_epochs: int, combine: bool = True, seeds: list[int] = ()) -> list[dict]:
     """One row per lever, each on top of the better pipeline (chosen on validation), then the final recipe:
-    every lever that beat that pipeline's row on validation, together."""
+    every lever that beat that pipeline's row on validation, together. ``seeds``: the scratch row and the
+    chosen row again with these seeds (their spread)."""
     base = recipe(backbone, overrides)
     cropped = copy.deepcopy(base)
     cropped["data"]["pipeline"] = "ctcrop"
     out: list[dict] = []
+    recipes: dict[str, dict[str, Any]] = {}
 
     def measured(name: str, raw: dict[str, Any], upstream: float = 0.0) -> dict[str, Any]:
         folder, seconds = run(f"{backbone}{name.replace('+', '-')}", raw, cache)
         out.append(row(name, folder, seconds, manifest, upstream))
+        recipes[name] = raw
         print(f"{backbone} {name}: validation {out[-1]['validation']}", flush=True)
         return out[-1]
 
@@ -176,6 +200,9 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     final = max(out, key=validation_score)
     for entry in out:
         entry["chosen_on_validation"] = entry is final
+        if seeds and (entry is final or entry["row"] == "scratch"):
+            entry["seeds"] = seed_spread(f"{backbone}{entry['row'].replace('+', '-')}", recipes[entry["row"]],
+                                         list(seeds), cache, entry)
     return out
 
 
@@ -188,27 +215,32 @@ def main() -> None:
     parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray run behind +cxr")
     parser.add_argument("--no-combine", dest="combine", action="store_false",
                         help="do not run the levers that beat the start together (said in the JSON)")
+    parser.add_argument("--seeds", default="", help="other seeds for the scratch and the chosen row, e.g. 1,2 "
+                        "(each one more look at the test split)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache" / "ct")
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
     overrides = [f"data.manifest={args.manifest.resolve()}", *args.overrides]
     search = study_summary(args.study) if args.study else None
     study = search["best_params"] if search else None
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    results: dict[str, Any] = {"manifest": str(args.manifest), "machine": {"cpus": os.cpu_count()},
+                               "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}}
     if search:
         results["tune"] = search
-    results.update({"manifest": str(args.manifest), "machine": {"cpus": os.cpu_count()},
-                    "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}})
-    for backbone in [name for name in args.only.split(",") if name not in ("", "none")]:
-        results[backbone] = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs, args.combine)
-        results.setdefault("overrides", {})[backbone] = args.overrides
-        results.setdefault("combined", {})[backbone] = args.combine
-        write(results, args.out)
     write(results, args.out)
+    for backbone in [name for name in args.only.split(",") if name not in ("", "none")]:
+        rows = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs, args.combine, seeds)
+        write({backbone: rows, "overrides": {backbone: args.overrides}, "combined": {backbone: args.combine}},
+              args.out)
     print(f"wrote {args.out}")
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write(updates: dict[str, Any], out: Path) -> None:
+    """Merge ``updates`` into the JSON as it is on disk now (another invocation may have written other rows)."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for key, value in updates.items():
+        results[key] = {**results.get(key, {}), **value} if key in ("overrides", "combined") else value
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -72,21 +72,16 @@ def prepared(predictor, manifest: Path, split: str, limit: int | None = None) ->
     """A split's images through the run's input path: inputs (N, C, S, S) float32, targets, patients, paths."""
     from lungscreen.audit.evaluate import evaluation_rows
     from lungscreen.data.manifest import load_manifest
-    from lungscreen.errors import LungscreenError
-    from lungscreen.io.images import read_image
+    from lungscreen.inference.predict import load_file
     from lungscreen.preprocessing.model_input import to_array
 
     rows = evaluation_rows(predictor, load_manifest(manifest), split)
     if limit:
         rows = rows.sample(n=min(limit, len(rows)), random_state=0).reset_index(drop=True)
     listed = len(rows)
-    pictures, keep = [], []
-    for index, path in enumerate(rows["image_path"]):
-        try:
-            pictures.append(predictor.prepare(read_image(path).pixels).image)
-            keep.append(index)
-        except LungscreenError:  # a refused image (unreadable, no lungs found) is left out, counted below
-            continue
+    loaded = [load_file(predictor, Path(path))[0] for path in rows["image_path"]]
+    keep = [index for index, item in enumerate(loaded) if not item.error]  # refused images: counted below
+    pictures = [loaded[index].sample.image for index in keep]
     rows = rows.iloc[keep].reset_index(drop=True)
     return {"inputs": to_array(pictures, predictor.spec.input), "targets": rows["target"].to_numpy(),
             "patients": rows["patient_id"].astype(str).to_numpy(), "paths": rows["image_path"].to_numpy(),

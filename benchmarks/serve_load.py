@@ -44,18 +44,15 @@ def test_images(manifest: Path, count: int, run: Path) -> tuple[list[Path], list
     the load is made of images the run scores and the refusals are reported beside it."""
     import pandas as pd
 
-    from lungscreen.errors import LungscreenError
-    from lungscreen.inference.predict import Predictor
-    from lungscreen.io.images import read_image
+    from lungscreen.inference.predict import Predictor, load_file
 
     frame = pd.read_parquet(manifest)
     frame = frame[(frame["split"] == "test") & (frame["modality"] == "CXR")]
     predictor = Predictor(run)
     kept, refused = [], []
     for path in frame["image_path"]:
-        try:
-            predictor.prepare(read_image(path).pixels)
-        except LungscreenError as error:
+        error = load_file(predictor, Path(path))[0].error
+        if error:
             refused.append(f"{Path(path).name}: {error}")
             continue
         kept.append(Path(path))
