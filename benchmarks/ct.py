@@ -12,8 +12,8 @@ then one lever at a time on top of whichever of the two scored better on validat
    its summary goes into the JSON);
 4. ``+simclr``: self-supervised pre-training on every CT slice (test split excluded) before fine-tuning
    (``light-ct-simclr-cpu``'s first stage in front of the recipe);
-5. ``+cxr``: the fine-tuning starts from the same network trained on the shared chest X-ray pool
-   (binary COVID-19, the CXR run made here once per backbone; its seconds count in the row's CPU time);
+5. ``+cxr``: a first stage trains the network on the shared chest X-ray pool (binary COVID-19, without
+   pre-processing), the CT stages go on from it;
 
 and, when more than one lever beat its start on validation, those levers together. The row with the best
 validation accuracy (AUC on a tie) is marked ``chosen_on_validation``: the recipe to ship.
@@ -78,18 +78,12 @@ def simclr_stage(overrides: list[str]) -> dict[str, Any]:
     return to_raw(load_config("light-ct-simclr-cpu", overrides))["stages"][0]
 
 
-def cxr_run(backbone: str, base: dict[str, Any], cache: Path, epochs: int) -> tuple[Path, float]:
-    """The backbone trained on the chest X-ray pool (binary COVID-19), the start of the transfer rows; with its
-    train seconds (part of the CPU time of every row that starts from it)."""
-    raw = copy.deepcopy(base)
-    raw["name"] = f"cxr-{backbone}"
-    raw["data"].update(modality="CXR", sources=None, pipeline="none", augment="light")
-    raw["stages"] = [{**copy.deepcopy(base["stages"][0]), "name": "cxr", "epochs": epochs,
-                      "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
-                      "schedule": {"name": "one_cycle"}}]
-    raw["monitor"] = {"metric": "val/auc/COVID-19"}
-    folder = run(f"cxr-{backbone}", raw, cache)[0]
-    return folder, json.loads((folder / "summary.json").read_text())["train_seconds"]
+def cxr_stage(base: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """A first stage on the chest X-ray pool (binary COVID-19, no pre-processing: each stage has its own
+    pipeline) from which the CT stages go on: the transfer lever, inside the recipe."""
+    return {**copy.deepcopy(base["stages"][0]), "name": "cxr", "epochs": epochs,
+            "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4}, "schedule": {"name": "one_cycle"},
+            "data": {"modality": "CXR", "sources": None, "pipeline": "none", "augment": "light"}}
 
 
 def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
@@ -111,14 +105,13 @@ def second_source(folder: Path, manifest: Path) -> dict[str, Any]:
             "figures": {name: figures[name].as_dict() for name in FIGURES if name in figures}}
 
 
-def row(name: str, folder: Path, seconds: float | None, manifest: Path, upstream_seconds: float = 0.0) -> dict[str, Any]:
+def row(name: str, folder: Path, seconds: float | None, manifest: Path) -> dict[str, Any]:
     summary = json.loads((folder / "summary.json").read_text())
     test = summary.get("test") or {}
     best = summary["best"]
     return {"row": name, "run": shown(folder),
             "train_seconds": summary["train_seconds"], "wall_seconds": seconds,
-            "upstream_train_seconds": upstream_seconds,
-            "cpu_minutes_total": round((summary["train_seconds"] + upstream_seconds) / 60, 1),
+            "cpu_minutes_total": round(summary["train_seconds"] / 60, 1),
             "validation": {"epoch": best.get("epoch"), "stage": best.get("stage_name"),
                            **{k: best["figures"].get(f"val/{k}") for k in ("accuracy", "auc/COVID-19")}},
             "test_images": test.get("images"), "operating_point": summary.get("operating_point"),
@@ -132,17 +125,16 @@ def validation_score(entry: dict[str, Any]) -> tuple[float, float]:
 
 
 def with_levers(base: dict[str, Any], levers: list[str], overrides: list[str], study: dict | None,
-                cxr: tuple[Path, float] | None) -> dict[str, Any]:
-    """``base`` with the levers named (``tuned``, ``simclr``, ``cxr``) put in, in that order of the stages."""
+                cxr_epochs: int) -> dict[str, Any]:
+    """``base`` with the levers named (``tuned``, ``simclr``, ``cxr``) put in; stages: CXR, SimCLR, the recipe's."""
     raw = copy.deepcopy(base)
     if "tuned" in levers and study:
         for stage in raw["stages"]:
             stage["optimizer"].update({k.rsplit(".", 1)[-1]: v for k, v in study.items()})
     if "simclr" in levers:
         raw["stages"] = [simclr_stage(overrides), *raw["stages"]]
-    if "cxr" in levers and cxr:
-        raw["model"]["init_from"] = str(cxr[0])
-        raw["model"]["reset_head"] = True
+    if "cxr" in levers:
+        raw["stages"] = [cxr_stage(base, cxr_epochs), *raw["stages"]]
     return raw
 
 
@@ -178,25 +170,23 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     out: list[dict] = []
     recipes: dict[str, dict[str, Any]] = {}
 
-    def measured(name: str, raw: dict[str, Any], upstream: float = 0.0) -> dict[str, Any]:
+    def measured(name: str, raw: dict[str, Any]) -> dict[str, Any]:
         folder, seconds = run(f"{backbone}{name.replace('+', '-')}", raw, cache)
-        out.append(row(name, folder, seconds, manifest, upstream))
+        out.append(row(name, folder, seconds, manifest))
         recipes[name] = raw
         print(f"{backbone} {name}: validation {out[-1]['validation']}", flush=True)
         return out[-1]
 
     scratch, crop = measured("scratch", base), measured("+ctcrop", cropped)
     start, reference = (cropped, crop) if validation_score(crop) > validation_score(scratch) else (base, scratch)
-    cxr = cxr_run(backbone, base, cache, cxr_epochs)
     levers = ["tuned", "simclr", "cxr"] if study else ["simclr", "cxr"]
     kept = []
     for lever in levers:
-        entry = measured(f"+{lever}", with_levers(start, [lever], overrides, study, cxr),
-                         cxr[1] if lever == "cxr" else 0.0)
+        entry = measured(f"+{lever}", with_levers(start, [lever], overrides, study, cxr_epochs))
         if validation_score(entry) > validation_score(reference):
             kept.append(lever)
     if len(kept) > 1 and combine:
-        measured("+" + "+".join(kept), with_levers(start, kept, overrides, study, cxr), cxr[1] if "cxr" in kept else 0.0)
+        measured("+" + "+".join(kept), with_levers(start, kept, overrides, study, cxr_epochs))
     final = max(out, key=validation_score)
     for entry in out:
         entry["chosen_on_validation"] = entry is final
@@ -212,7 +202,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BACKBONES), help="backbones to run ('none': only record --study)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--study", type=Path, default=None, help="search folder of a finished `lungscreen tune` (study.db)")
-    parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray run behind +cxr")
+    parser.add_argument("--cxr-epochs", type=int, default=8, help="epochs of the chest X-ray stage of +cxr")
     parser.add_argument("--no-combine", dest="combine", action="store_false",
                         help="do not run the levers that beat the start together (said in the JSON)")
     parser.add_argument("--seeds", default="", help="other seeds for the scratch and the chosen row, e.g. 1,2 "
