@@ -138,16 +138,15 @@ def with_levers(base: dict[str, Any], levers: list[str], overrides: list[str], s
     return raw
 
 
-def seed_spread(name: str, raw: dict[str, Any], seeds: list[int], cache: Path, first: dict[str, Any]) -> dict:
-    """The row's recipe again with other seeds: validation and test figures per seed, their mean and standard
-    deviation (each seed is one more look at the test split)."""
+def seed_spread(name: str, raw: dict[str, Any], seeds: list[int], cache: Path) -> dict:
+    """The row's run (``cache/name``) and its recipe again with other seeds: validation and test figures per
+    seed, their mean and standard deviation (each seed is one more look at the test split)."""
     import numpy as np
 
-    figures = {"seed": [raw["seed"]], "val_accuracy": [first["validation"]["accuracy"]],
-               "test_accuracy": [first["ucsd_test"]["accuracy"]["value"]],
-               "test_auc": [first["ucsd_test"]["auc/COVID-19"]["value"]]}
-    for seed in seeds:
-        folder = run(f"{name}-seed{seed}", {**copy.deepcopy(raw), "seed": seed}, cache)[0]
+    figures: dict[str, list] = {"seed": [], "val_accuracy": [], "test_accuracy": [], "test_auc": []}
+    runs = [(raw["seed"], cache / name)]
+    runs += [(seed, run(f"{name}-seed{seed}", {**copy.deepcopy(raw), "seed": seed}, cache)[0]) for seed in seeds]
+    for seed, folder in runs:
         summary = json.loads((folder / "summary.json").read_text())
         test = summary["test"]["figures"]
         figures["seed"].append(seed)
@@ -170,8 +169,11 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     out: list[dict] = []
     recipes: dict[str, dict[str, Any]] = {}
 
+    def run_name(row_name: str) -> str:
+        return f"{backbone}{row_name.replace('+', '-')}"
+
     def measured(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-        folder, seconds = run(f"{backbone}{name.replace('+', '-')}", raw, cache)
+        folder, seconds = run(run_name(name), raw, cache)
         out.append(row(name, folder, seconds, manifest))
         recipes[name] = raw
         print(f"{backbone} {name}: validation {out[-1]['validation']}", flush=True)
@@ -191,8 +193,7 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     for entry in out:
         entry["chosen_on_validation"] = entry is final
         if seeds and (entry is final or entry["row"] == "scratch"):
-            entry["seeds"] = seed_spread(f"{backbone}{entry['row'].replace('+', '-')}", recipes[entry["row"]],
-                                         list(seeds), cache, entry)
+            entry["seeds"] = seed_spread(run_name(entry["row"]), recipes[entry["row"]], list(seeds), cache)
     return out
 
 

@@ -61,7 +61,7 @@ def test_predict_gives_the_probabilities_the_training_input_path_gives(manifest,
     run = train(config, out=tmp_path / "run", quiet=True).run_dir
     plan = prepare(config, build_model=False)
     rows = plan.stages[-1].frames["test"]
-    store = ImageStore(rows, plan.pipeline, [36])
+    store = ImageStore(rows, plan.stages[-1].pipeline, [36])
     store.load_all()
     objective = build_objective(plan.stages[-1].task, config.stages[-1].loss)
     kept, _ = score_checkpoint(run / "best.pt", store, plan.stages[-1].task, objective)

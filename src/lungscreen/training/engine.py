@@ -32,7 +32,6 @@ MLflow tracking in :mod:`~lungscreen.training.tracking`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import time
@@ -326,8 +325,7 @@ def _store_for(context: RunContext, plan: StagePlan, split: str):  # noqa: ANN20
     from lungscreen.training.data import ImageStore
 
     frame = plan.frames[split]
-    pipeline = json.dumps(plan.pipeline.to_dict(), sort_keys=True, default=str)
-    key = (str(plan.data.manifest), split, task_name(plan.task), len(frame), pipeline)
+    key = (str(plan.data.manifest), split, task_name(plan.task), len(frame), plan.pipeline)  # pipelines hash
     stores = context.stores
     if key not in stores:
         store = ImageStore(frame, plan.pipeline, context.prepared.sizes, cache_dir=plan.data.cache_dir,

@@ -85,11 +85,6 @@ class Prepared:
     def sizes(self) -> list[int]:
         return sorted({stage.image_size for stage in self.config.stages})
 
-    @property
-    def pipeline(self) -> Pipeline:
-        """The last stage's preprocessing: what the run's final model eats."""
-        return self.stages[-1].pipeline
-
 
 def manifest_pipeline(manifest: pd.DataFrame, path: str, configured: Any, key: str) -> tuple[Any, bool]:
     """(pipeline, already applied) for a manifest: one written by `lungscreen preprocess` names its pipeline
