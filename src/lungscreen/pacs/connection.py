@@ -137,6 +137,8 @@ class Pacs:
         session.mount("https://", adapter)
         session.verify = str(ca_bundle) if ca_bundle is not None else True
         (credentials or Credentials()).apply(session)
+        self._media = ""
+        session.hooks["response"].append(self._remember_media)
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)  # one retry policy: the session's
 
@@ -203,10 +205,17 @@ class Pacs:
 
     # ----- errors ----------------------------------------------------------------------------------
 
+    def _remember_media(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        self._media = "" if response.status_code == 204 or not response.content else \
+            response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
     def _checked(self, answer: Any, key: str) -> list[dict[str, Any]]:
         """A QIDO/metadata answer, or a PacsError when it is not a list of DICOM JSON objects holding ``key``
-        (a web server that is not DICOMweb, such as Orthanc's own REST API, answers something else)."""
-        if not isinstance(answer, list) or any(not isinstance(item, dict) or tag(item, key) is None for item in answer):
+        (a web server that is not DICOMweb, such as Orthanc's own REST API, answers something else: a list
+        of its own IDs, or an empty list as plain ``application/json`` where DICOMweb says ``dicom+json``)."""
+        empty_but_not_dicom = answer == [] and self._media not in ("", "application/dicom+json")
+        if empty_but_not_dicom or not isinstance(answer, list) or any(
+                not isinstance(item, dict) or tag(item, key) is None for item in answer):
             raise PacsError(f"{self.shown} does not answer as a DICOMweb service (QIDO-RS); give its DICOMweb root, "
                             "e.g. http://127.0.0.1:8042/dicom-web for Orthanc")
         return answer
