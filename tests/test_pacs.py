@@ -32,6 +32,7 @@ from pydicom.uid import generate_uid
 from lungscreen.audit.screening import DISCLAIMER
 from lungscreen.data.manifest import new_row, save_manifest
 from lungscreen.io.files import file_sha256
+from lungscreen.pacs.documents import ResultUids
 
 RADIOGRAPHY = "covid19-radiography-database/COVID-19_Radiography_Dataset"
 NIH = "nih-chestxray14-darkcovidnet/X-Ray Image DataSet"
@@ -104,6 +105,7 @@ def test_screen_stores_one_report_and_overlay_per_frontal_image_with_predicts_pr
             report = read_back(orthanc, study, item)
             referenced, probabilities, decision = report_values(report)
             assert referenced not in reports, "two reports for one instance"
+            assert report.SOPInstanceUID == ResultUids.of(study, referenced, sha).sr  # found again after a crash
             reports[referenced] = (probabilities, decision)
             assert report.StudyInstanceUID == study and report.PatientID == PATIENT_ID  # copied, not invented
             text = report_text(report)

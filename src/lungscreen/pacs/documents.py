@@ -10,8 +10,8 @@
   (highdicom's Parametric Map refuses a CR source, and a picture is what every viewer shows.)
 
 Both copy the patient and study attributes from the screened instance (highdicom's ``evidence`` /
-``from_ref_dataset``) and invent none. Their UIDs are new but deterministic (``generate_uid`` with the source
-instance and the model's SHA-256 as entropy): the same model screening the same instance again makes the
+``from_ref_dataset``) and invent none. Their UIDs are new but deterministic (``2.25.`` + a name-based UUID of the
+source instance and the model's SHA-256): the same model screening the same instance again makes the
 same UIDs, so a result stored twice (a worker killed between storing and recording it) is one instance in
 the PACS, never two, and a restarted worker can look for it by UID before screening again. The series UIDs
 are per study and model, so a study gets one report series and one overlay series however many images
@@ -20,6 +20,7 @@ it holds.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ OVERLAY_DESCRIPTION = "lungscreen heat-map (research use only)"
 SR_SERIES_NUMBER, OVERLAY_SERIES_NUMBER = 9901, 9902
 MANUFACTURER = "lungscreen"
 BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+#: The namespace of the name-based UUIDs the results' UIDs are made of (any fixed UUID; never change it, or
+#: results stored before would no longer be recognised).
+UID_NAMESPACE = uuid.UUID("6f1c9a52-3d0e-5b8a-9f47-2c61d8e0a4b3")
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,8 @@ class ResultUids:
 
     @classmethod
     def of(cls, study: str, instance: str, model_sha256: str) -> ResultUids:
-        from pydicom.uid import generate_uid
-
-        def uid(*parts: str) -> str:
-            return generate_uid(prefix=None, entropy_srcs=["lungscreen", model_sha256, *parts])
+        def uid(*parts: str) -> str:  # a name-based UUID (RFC 4122 version 5) under the 2.25 root
+            return f"2.25.{uuid.uuid5(UID_NAMESPACE, '/'.join([model_sha256, *parts])).int}"
 
         return cls(uid(study, "sr-series"), uid(instance, "sr"), uid(study, "overlay-series"), uid(instance, "overlay"))
 
