@@ -32,7 +32,8 @@ from pydicom.uid import generate_uid
 from lungscreen.audit.screening import DISCLAIMER
 from lungscreen.data.manifest import new_row, save_manifest
 from lungscreen.io.files import file_sha256
-from lungscreen.pacs.documents import ResultUids
+from lungscreen.inference.predict import Predictor
+from lungscreen.pacs.documents import ResultUids, figures_line
 
 RADIOGRAPHY = "covid19-radiography-database/COVID-19_Radiography_Dataset"
 NIH = "nih-chestxray14-darkcovidnet/X-Ray Image DataSet"
@@ -96,6 +97,7 @@ def test_screen_stores_one_report_and_overlay_per_frontal_image_with_predicts_pr
     assert code == 0, err
     frontal = [m for m in uploaded if m.expect == "done"]
     sha = file_sha256(real_run / "best.pt")
+    figures = figures_line(Predictor(real_run).test_report)  # the run's own test sensitivity / specificity
 
     # what Orthanc's own DICOMweb holds: exactly one report and one overlay per frontal image, in its study
     reports: dict[str, tuple[dict[str, float], str]] = {}
@@ -109,7 +111,7 @@ def test_screen_stores_one_report_and_overlay_per_frontal_image_with_predicts_pr
             reports[referenced] = (probabilities, decision)
             assert report.StudyInstanceUID == study and report.PatientID == PATIENT_ID  # copied, not invented
             text = report_text(report)
-            assert DISCLAIMER in text and sha in text and "decision:" in text
+            assert DISCLAIMER in text and sha in text and "decision:" in text and figures in text
         overlays = [read_back(orthanc, study, item) for item in found["OT"]]
         assert len(overlays) == len(found["SR"])
         for overlay in overlays:

@@ -82,10 +82,10 @@ def describe_model(predictor: Any) -> Model:
     name = str(extra.get("run") or meta.get("name") or predictor.checkpoint.path.stem)
     return Model(name=name, version=f"lungscreen {version('lungscreen')}", sha256=file_sha256(predictor.checkpoint.path),
                  rule=predictor.decision_rule, modality=predictor.spec.modality,
-                 test_figures=test_figures(predictor.test_report))
+                 test_figures=figures_line(predictor.test_report))
 
 
-def test_figures(report: dict[str, Any] | None) -> str:
+def figures_line(report: dict[str, Any] | None) -> str:
     """The run's sensitivity and specificity on its own test split with their 95 % intervals, as one line."""
     if not report:
         return ""
