@@ -11,6 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydicom.uid import generate_uid
+
+from lungscreen.audit.screening import DISCLAIMER
+from lungscreen.data.manifest import new_row, save_manifest
+from lungscreen.inference.predict import Predictor
+from lungscreen.io.files import file_sha256
+from lungscreen.pacs.documents import ResultUids, figures_line
 from pacs_fixtures import (  # noqa: F401  (fixtures)
     PATIENT_ID,
     PATIENT_NAME,
@@ -27,13 +34,6 @@ from pacs_fixtures import (  # noqa: F401  (fixtures)
     synthetic_batch,
     train_tiny,
 )
-from pydicom.uid import generate_uid
-
-from lungscreen.audit.screening import DISCLAIMER
-from lungscreen.data.manifest import new_row, save_manifest
-from lungscreen.io.files import file_sha256
-from lungscreen.inference.predict import Predictor
-from lungscreen.pacs.documents import ResultUids, figures_line
 
 RADIOGRAPHY = "covid19-radiography-database/COVID-19_Radiography_Dataset"
 NIH = "nih-chestxray14-darkcovidnet/X-Ray Image DataSet"
@@ -173,7 +173,7 @@ def test_an_onnx_export_screens_without_grad_cam(cli, orthanc, credentials, real
 
     exported = export_run(real_run, tmp_path / "model.onnx").model
     state = tmp_path / "onnx.db"
-    code, out, err = cli("pacs", "screen", orthanc.dicomweb, "--model", exported, "--state", state)
+    code, _, err = cli("pacs", "screen", orthanc.dicomweb, "--model", exported, "--state", state)
     assert code == 0, err
     frontal = [m for m in uploaded if m.expect == "done"]
     sources = [m.write(tmp_path) for m in frontal]
@@ -258,7 +258,7 @@ def test_a_pacs_without_chest_images_says_so_and_exits_0(cli, orthanc, credentia
     assert code == 0, err
     assert "holds no chest image this CXR model takes" in err and "1 instance(s) skipped" in err
     orthanc.wipe()
-    code, out, err = cli("pacs", "screen", orthanc.dicomweb, "--model", model, "--state", tmp_path / "t.db")
+    code, _, err = cli("pacs", "screen", orthanc.dicomweb, "--model", model, "--state", tmp_path / "t.db")
     assert code == 0 and "holds no chest image" in err and "nothing to screen" in err
 
 

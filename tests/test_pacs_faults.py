@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from lungscreen.io.files import file_sha256
+from lungscreen.pacs.documents import ResultUids
+from lungscreen.pacs.state import State, state_url
 from pacs_fixtures import (  # noqa: F401  (fixtures)
     Made,
     lungscreen,
@@ -24,10 +29,6 @@ from pacs_fixtures import (  # noqa: F401  (fixtures)
     synthetic_batch,
 )
 from servers import ORTHANC_PASSWORD, ORTHANC_USER, Orthanc, orthanc_missing
-
-from lungscreen.io.files import file_sha256
-from lungscreen.pacs.documents import ResultUids
-from lungscreen.pacs.state import State, state_url
 
 pytestmark = pytest.mark.slow
 ENV = {"LUNGSCREEN_PACS_USER": ORTHANC_USER, "LUNGSCREEN_PACS_PASSWORD": ORTHANC_PASSWORD}
@@ -61,6 +62,19 @@ def assert_exactly_one_result_each(server: Orthanc, made: list[Made], model: Pat
         overlays = Counter(item["00080018"]["Value"][0] for item in found["OT"])
         assert reports == Counter(uids.sr for uids in expected), study
         assert overlays == Counter(uids.overlay for uids in expected), study
+
+
+def stop(process: subprocess.Popen, signum: int, log: Path) -> None:
+    """Send ``signum``: the command finishes the instance under way and ends with 128 + signum and one line
+    saying so, last (killed if it does not within two minutes)."""
+    try:
+        process.send_signal(signum)
+        assert process.wait(timeout=120) == 128 + signum
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert f"interrupted ({signal.Signals(signum).name})" in text.splitlines()[-1], text
 
 
 def done_lines(*logs: Path) -> list[str]:
@@ -98,13 +112,8 @@ def test_orthanc_killed_mid_watch_and_restarted(synthetic, tmp_path):
                 server.upload(item.data)
             made += late
             wait_for(lambda: statuses(state)["done"] == len(made), 300, f"all {len(made)} instances screened")
-            watcher.send_signal(signal.SIGTERM)
-            assert watcher.wait(timeout=120) == 143
         finally:
-            if watcher.poll() is None:
-                watcher.kill()
-        text = log.read_text()
-        assert "interrupted (SIGTERM)" in text.splitlines()[-1], text
+            stop(watcher, signal.SIGTERM, log)
         no_private_data(log)
         assert sorted(done_lines(log)) == sorted(m.instance for m in made)
         assert_exactly_one_result_each(server, made, run)
@@ -197,13 +206,8 @@ def test_two_workers_on_sqlite_stop_on_sigint_and_resume(orthanc, synthetic, tmp
     first = start_lungscreen(*command, env=ENV, log=first_log)
     try:
         wait_for(lambda: Path(state).exists() and statuses(state)["done"] >= 6, 300, "6 instances screened")
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=120) == 130
     finally:
-        if first.poll() is None:
-            first.kill()
-    text = first_log.read_text()
-    assert "interrupted (SIGINT)" in text.splitlines()[-1], text
+        stop(first, signal.SIGINT, first_log)
     after_stop = statuses(state)
     assert after_stop["claimed"] == 0, "a worker stopped without recording the instance under way"
     assert after_stop["done"] < 40, "nothing left to resume: interrupt earlier"

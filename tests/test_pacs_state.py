@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from pacs_fixtures import postgres  # noqa: F401  (fixture)
 
 from lungscreen.errors import ConfigError
 from lungscreen.pacs.connection import Credentials, Pacs
 from lungscreen.pacs.documents import ResultUids, figures_line
 from lungscreen.pacs.selection import verdict
 from lungscreen.pacs.state import MAX_ATTEMPTS, Found, State, state_url
+from pacs_fixtures import postgres  # noqa: F401  (fixture)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

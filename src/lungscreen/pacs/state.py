@@ -19,15 +19,16 @@ database must keep their clocks in step (NTP), as hospital machines do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lungscreen.errors import ConfigError
+from lungscreen.errors import ConfigError, LungscreenError
 
 #: A worker that died this many times on one instance (its lease expired each time) gives it up as failed.
 MAX_ATTEMPTS = 3
@@ -54,6 +55,10 @@ def state_url(given: str | None) -> str:
 def worker_name() -> str:
     """This process as the state names it: host and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StateError(LungscreenError):
+    """The state database could not be used (gone, locked for too long, out of space)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class State:
 
     def known(self, model: str, study: str) -> set[str]:
         table = self.tables["instances"]
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             query = self.sa.select(table.c.sop_instance_uid).where(table.c.model == model,
                                                                    table.c.study_instance_uid == study)
             return set(connection.scalars(query))
@@ -124,13 +129,13 @@ class State:
     def study_size(self, model: str, study: str) -> int | None:
         """How many instances ``study`` had when it was last scanned for ``model`` (None: never scanned)."""
         table = self.tables["studies"]
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             return connection.scalar(self.sa.select(table.c.instances).where(table.c.model == model,
                                                                              table.c.study_instance_uid == study))
 
     def scanned(self, model: str, study: str, instances: int) -> None:
         table, sa = self.tables["studies"], self.sa
-        with self.engine.begin() as connection:
+        with self._opened(write=True) as connection:
             done = connection.execute(sa.update(table).where(table.c.model == model, table.c.study_instance_uid == study)
                                       .values(instances=instances, scanned=time.time()))
             if done.rowcount == 0:
@@ -144,7 +149,7 @@ class State:
         table, sa = self.tables["instances"], self.sa
         while True:
             now = time.time()
-            with self.engine.begin() as connection:
+            with self._opened(write=True) as connection:
                 free = sa.or_(table.c.status == "pending", sa.and_(table.c.status == "claimed", table.c.lease_until < now))
                 row = connection.execute(
                     sa.select(table).where(table.c.model == model, free)
@@ -167,7 +172,7 @@ class State:
     def finish(self, claim: Claim, status: str, reason: str = "", *, report: str = "", overlay: str = "") -> None:
         """Record the outcome of a claimed instance (``done`` with the stored UIDs, ``failed`` or ``skipped``)."""
         table, sa = self.tables["instances"], self.sa
-        with self.engine.begin() as connection:
+        with self._opened(write=True) as connection:
             connection.execute(sa.update(table).where(
                 table.c.model == claim.model, table.c.sop_instance_uid == claim.instance, table.c.status != "done")
                 .values(status=status, reason=reason, report_uid=report, overlay_uid=overlay, lease_until=0.0,
@@ -176,7 +181,7 @@ class State:
     def release(self, claim: Claim) -> None:
         """Give an instance back untouched (the PACS was unavailable): it is pending again, the try not counted."""
         table, sa = self.tables["instances"], self.sa
-        with self.engine.begin() as connection:
+        with self._opened(write=True) as connection:
             connection.execute(sa.update(table).where(
                 table.c.model == claim.model, table.c.sop_instance_uid == claim.instance, table.c.status == "claimed")
                 .values(status="pending", lease_until=0.0, attempts=table.c.attempts - 1, updated=time.time()))
@@ -190,14 +195,14 @@ class State:
         if model is not None:
             query = query.where(table.c.model == model)
         out: dict[str, dict[str, int]] = {}
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             for sha, status, count in connection.execute(query):
                 out.setdefault(sha, dict.fromkeys(STATUSES, 0))[status] = count
         return out
 
     def models(self) -> dict[str, tuple[str, str]]:
         table = self.tables["models"]
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             return {row.sha256: (row.name, row.version) for row in connection.execute(self.sa.select(table))}
 
     def latest(self, statuses: Iterable[str], limit: int, model: str | None = None) -> list[dict[str, Any]]:
@@ -206,18 +211,28 @@ class State:
         query = sa.select(table).where(table.c.status.in_(list(statuses))).order_by(table.c.updated.desc()).limit(limit)
         if model is not None:
             query = query.where(table.c.model == model)
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
 
     def rows(self, model: str | None = None) -> list[dict[str, Any]]:
         """Every instance row (tests and tools)."""
         table = self.tables["instances"]
         query = self.sa.select(table) if model is None else self.sa.select(table).where(table.c.model == model)
-        with self.engine.connect() as connection:
+        with self._opened() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _opened(self, *, write: bool = False) -> Iterator[Any]:
+        """A connection (a transaction when ``write``); a database that went away is one line, not a trace."""
+        try:
+            with (self.engine.begin() if write else self.engine.connect()) as connection:
+                yield connection
+        except self.sa.exc.OperationalError as error:
+            raise StateError(f"the screening state {_hidden(str(self.engine.url))} is unavailable "
+                             f"({str(error.orig).splitlines()[0]})") from None
 
     def _insert_new(self, table: Any, rows: list[dict[str, Any]]) -> int:
         """Insert the rows whose primary key is not there yet (concurrent scanners race harmlessly)."""
@@ -229,7 +244,7 @@ class State:
 
             insert = import_module(f"sqlalchemy.dialects.{dialect}").insert
             added = 0
-            with self.engine.begin() as connection:
+            with self._opened(write=True) as connection:
                 key = next(iter(table.primary_key.columns))
                 for start in range(0, len(rows), 100):  # the rows RETURNING gives back are the new ones
                     statement = insert(table).values(rows[start:start + 100]).on_conflict_do_nothing().returning(key)
@@ -238,7 +253,7 @@ class State:
         added = 0
         for row in rows:  # other databases: one row at a time, a duplicate key is someone else's insert
             try:
-                with self.engine.begin() as connection:
+                with self._opened(write=True) as connection:
                     connection.execute(self.sa.insert(table), row)
                 added += 1
             except self.sa.exc.IntegrityError:
