@@ -56,6 +56,7 @@ class Explanation:
     Attributes:
         cam: raw map in the model's input frame (S, S).
         original: the same map on the original image (H, W), 0 where the model saw nothing.
+        seen: the box of the original the model saw when its pipeline crops, None for the whole image.
     """
 
     method: str
@@ -65,6 +66,7 @@ class Explanation:
     original: np.ndarray
     lung_attention_ratio: float
     faithfulness: float
+    seen: tuple[float, float, float, float] | None = None
 
 
 def load_predictor(run: str | Path | Predictor) -> Predictor:
@@ -122,7 +124,7 @@ def explain_sample(predictor: Predictor, pixels: np.ndarray, methods: Sequence[s
         original = sample.geometry.to_original(cam[0])
         ratio = lung_attention_ratio(original[seen], lungs[seen]) if lungs is not None else np.nan
         out.append(Explanation(method, predictor.class_names[index], float(probabilities[index]), cam[0], original,
-                               ratio, road))
+                               ratio, road, sample.geometry.window))
     return out
 
 
@@ -138,10 +140,13 @@ def _seen(sample: Sample) -> np.ndarray:
 
 
 def overlay(pixels: np.ndarray, cam: np.ndarray, lungs: np.ndarray | None, caption: str, *,
-            boxes: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+            boxes: np.ndarray | None = None, mask: np.ndarray | None = None,
+            seen: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """RGB uint8 picture: the gray image, the map in the jet colours with opacity following its strength
     (scaled by its own maximum for display only), the lung contour in green, the caption on top; a
-    multi-task model's predicted mask contour in cyan and its boxes in yellow with their scores."""
+    multi-task model's predicted mask contour in cyan and its boxes in yellow with their scores; ``seen``,
+    the window of the original the model saw when its pipeline crops (the lung crop), as a dashed white
+    frame (the map is zero outside it: the model saw nothing there)."""
     gray = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB).astype(np.float32)
     peak = float(cam.max())
@@ -161,18 +166,44 @@ def overlay(pixels: np.ndarray, cam: np.ndarray, lungs: np.ndarray | None, capti
         cv2.rectangle(picture, (int(x0), int(y0)), (int(x1), int(y1)), (255, 255, 0), thickness)
         cv2.putText(picture, f"{score:.2f}", (int(x0) + 2, int(y1) - 3), cv2.FONT_HERSHEY_SIMPLEX,
                     max(0.3, min(height, width) / 900), (255, 255, 0), thickness, cv2.LINE_AA)
-    _caption(picture, caption)
-    return picture
+    if seen is not None:
+        _dashed_box(picture, seen, thickness)
+    return caption_band(picture, caption)
 
 
-def _caption(picture: np.ndarray, text: str) -> None:
-    """White text with a black outline in the top-left corner, sized to the picture."""
+def _dashed_box(picture: np.ndarray, box: tuple[float, float, float, float], thickness: int) -> None:
+    """A dashed white frame around ``box`` (x0, y0, x1, y1; x1, y1 exclusive)."""
     height, width = picture.shape[:2]
-    scale = max(0.3, min(height, width) / 700)
-    thickness = max(1, round(scale * 2))
-    origin = (max(2, width // 100), max(10, int(25 * scale) + height // 100))
-    cv2.putText(picture, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
-    cv2.putText(picture, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    x0, y0 = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+    x1, y1 = min(width - 1, int(round(box[2])) - 1), min(height - 1, int(round(box[3])) - 1)
+    dash = max(4, min(height, width) // 60)
+    for start in range(x0, x1, 2 * dash):
+        for y in (y0, y1):
+            cv2.line(picture, (start, y), (min(start + dash, x1), y), (255, 255, 255), thickness)
+    for start in range(y0, y1, 2 * dash):
+        for x in (x0, x1):
+            cv2.line(picture, (x, start), (x, min(start + dash, y1)), (255, 255, 255), thickness)
+
+
+def caption_band(picture: np.ndarray, text: str) -> np.ndarray:
+    """The picture with ``text`` in a dark band across its top, the letters about 1/28 of its width high (never
+    below 11 px), in a TrueType font (Pillow's own), so it reads at any image size; a text too long for one
+    line is shrunk to fit."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = picture.shape[:2]
+    size = max(11, round(width / 28))
+    font = ImageFont.load_default(size=size)
+    margin = max(2, size // 3)
+    while size > 8 and font.getlength(text) > width - 2 * margin:
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    band = min(height, size + 2 * margin)
+    out = picture.copy()
+    out[:band] = (out[:band].astype(np.float32) * 0.35).astype(np.uint8)
+    image = Image.fromarray(out)
+    ImageDraw.Draw(image).text((margin, margin), text, font=font, fill=(255, 255, 255))
+    return np.asarray(image)
 
 
 def explain_images(predictor: str | Path | Predictor, paths: Iterable[str | Path], out_dir: str | Path,
@@ -229,8 +260,8 @@ def _explain_one(predictor: Predictor, path: Path, frame: int | None, image: Any
     rows = []
     for item in explanations:
         stem = _unique(names, f"{path.stem}{'' if frame is None else f'-f{frame}'}.{_slug(item.method)}")
-        picture = overlay(image.pixels, item.original, lungs, f"{item.class_name} {item.probability:.2f} ({item.method})",
-                          boxes=dense.get("boxes"), mask=mask[0] if mask is not None else None)
+        picture = overlay(image.pixels, item.original, lungs, f"{item.class_name} {item.probability:.2f} - {item.method}",
+                          boxes=dense.get("boxes"), mask=mask[0] if mask is not None else None, seen=item.seen)
         file = _write_png(out_dir / f"{stem}.png", picture)
         map_file = _write_map(out_dir / f"{stem}.npy", item.original) if save_maps else ""
         rows.append(_row(path, frame, method=item.method, **{"class": item.class_name}, probability=item.probability,

@@ -9,7 +9,7 @@ Example:
     >>> geometry = Geometry.full(200, 100).cropped(50, 0, 150, 100, width=200, height=100)
     >>> geometry.box
     (50.0, 0.0, 150.0, 100.0)
-    >>> geometry.to_original(np.ones((10, 10), np.float32)).sum()   # the 100 x 100 window, filled
+    >>> float(geometry.to_original(np.ones((10, 10), np.float32)).sum())   # the 100 x 100 window, filled
     10000.0
 """
 
@@ -39,6 +39,11 @@ class Geometry:
     def full(cls, width: int, height: int) -> Geometry:
         """An image that is still its whole original."""
         return cls(int(width), int(height), (0.0, 0.0, float(width), float(height)))
+
+    @property
+    def window(self) -> tuple[float, float, float, float] | None:
+        """The box the current image shows when a step cropped the original, None when it is still all of it."""
+        return None if self.box == (0.0, 0.0, float(self.width), float(self.height)) else self.box
 
     def cropped(self, x0: float, y0: float, x1: float, y1: float, *, width: int, height: int) -> Geometry:
         """After cropping the window [x0:x1, y0:y1] of a current image of ``width`` x ``height``."""
