@@ -136,6 +136,12 @@ def test_screen_stores_one_report_and_overlay_per_frontal_image_with_predicts_pr
         assert max(abs(value - row[name]) for name, value in probabilities.items()) <= 1e-5
         assert decision == row["prediction"]
 
+    # the studies as `pacs query` lists them: UIDs and dates
+    code, out, err = cli("pacs", "query", orthanc.dicomweb, "--modality", "CR,DX", "--since", "2024-01-01")
+    said += [out, err]
+    assert code == 0 and all(m.study in out for m in frontal) and "2024-01-05" in out
+    assert cli("pacs", "query", orthanc.dicomweb, "--since", "2024-02-01")[2].startswith("no study matches")
+
     # what was left out, with its reason
     code, out, err = cli("pacs", "status", "--state", state, "--limit", "20")
     said += [out, err]

@@ -87,6 +87,7 @@ def query(
         return
     table = Table("study instance UID", "date", "time", "modalities", "series", "instances")
     _whole_uids(table.columns[0], [str(tag(study, "StudyInstanceUID")) for study in studies])
+    table.columns[1].no_wrap, table.columns[1].min_width = True, 10
     for study in sorted(studies, key=lambda s: (str(tag(s, "StudyDate", "")), str(tag(s, "StudyTime", "")))):
         values = (study.get("00080061") or {}).get("Value") or []
         table.add_row(tag(study, "StudyInstanceUID"), _date(tag(study, "StudyDate", "")),
