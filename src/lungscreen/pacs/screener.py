@@ -150,9 +150,9 @@ class Screener:
 
     # ----- drain -----------------------------------------------------------------------------------
 
-    def drain(self, tally: Tally, stop: Callable[[], bool] = lambda: False) -> None:
+    def drain(self, tally: Tally) -> None:
         """Screen claimed instances until none is left; a signal stops it after the instance under way."""
-        while not stop():
+        while True:
             claim = self.state.claim(self.key, self.worker, self.options.lease)
             if claim is None:
                 return
@@ -230,7 +230,7 @@ class Screener:
 
     # ----- cycles ----------------------------------------------------------------------------------
 
-    def run(self, tally: Tally, *, scan_first: bool = True, on_wait: Callable[[str], None] | None = None) -> None:
+    def run(self, tally: Tally, *, scan_first: bool = True) -> None:
         """Scan and drain once, or (``watch``) every ``interval`` seconds until stopped. In watch mode an
         unavailable PACS is waited out; otherwise it ends the run (:class:`PacsUnavailable`)."""
         first = True
@@ -242,7 +242,7 @@ class Screener:
             except PacsUnavailable as error:
                 if not self.options.watch:
                     raise
-                (on_wait or self.say)(f"{error}; trying again in {self.options.interval:g} s")
+                self.say(f"{error}; trying again in {self.options.interval:g} s")
             first = False
             if not self.options.watch:
                 return
