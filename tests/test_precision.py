@@ -8,12 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from training_fixtures import make_manifest, tiny_recipe, write_recipe
 
 from lungscreen.training import precision
 from lungscreen.training.config import from_dict, load_config
-from lungscreen.training.engine import _choose_precision, train
+from lungscreen.training.engine import train
 from lungscreen.training.precision import Hardware, decide, interleaved_seconds, needs_measurement, summarize
+from lungscreen.training.stage import _choose_precision
+from training_fixtures import make_manifest, tiny_recipe, write_recipe
 
 AMX = Hardware(cpu_flags=("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"), cpu_capability="AVX512",
                onednn=True)

@@ -199,7 +199,7 @@ def test_only_stages_validated_like_the_last_choose_best_pt(tmp_path):
     must not give it."""
     from types import SimpleNamespace
 
-    from lungscreen.training.engine import RunContext
+    from lungscreen.training.run_context import RunContext
 
     recipe = tiny_recipe(make_manifest(tmp_path / "data", per_class=4))
     recipe["data"]["task"] = "binary"

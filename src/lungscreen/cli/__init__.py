@@ -45,6 +45,9 @@ def _register() -> None:
     from lungscreen.cli import export as export_cli  # noqa: E402
 
     app.command("export")(export_cli.export)
+    from lungscreen.cli import adapt as adapt_cli  # noqa: E402
+
+    app.command("adapt")(adapt_cli.adapt)
     from lungscreen.cli import explain as explain_cli  # noqa: E402
 
     app.command("explain")(explain_cli.explain)

@@ -63,8 +63,8 @@ def train_lung_model(manifest: Path | None, target: Path | None = None, *, confi
     from lungscreen.lungs.data import mask_rows
     from lungscreen.lungs.segmenter import default_model_path
     from lungscreen.training.config import load_config
+    from lungscreen.training.distributed import DistEnv
     from lungscreen.training.engine import train as run_training
-    from lungscreen.training.prepare import DistEnv
     from lungscreen.training.run_folder import default_run_dir
 
     if resume is not None:

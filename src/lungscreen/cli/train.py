@@ -65,6 +65,8 @@ def train(
             return
         result = run_training(loaded, out=out_dir)
     out.print(f"[green]done[/]: {result.run_dir}")
+    if result.summary.get("warning"):
+        out.print(f"[yellow]warning[/]: {result.summary['warning']}")
 
 
 def tune(

@@ -156,6 +156,13 @@ class Predictor:
         return out
 
     @property
+    def test_report(self) -> dict[str, Any] | None:
+        """The run's own figures on its test split as training wrote them into best.pt (``split``, ``images``,
+        ``patients``, ``counts``, ``figures`` with 95 % intervals), or None (no test, or an export)."""
+        meta = getattr(self.checkpoint, "meta", None) or {}
+        return (meta.get("extra") or {}).get("test")
+
+    @property
     def decision_rule(self) -> str:
         """How ``prediction`` is decided, as written in every output row (``decided_by``)."""
         point = self.spec.operating_point

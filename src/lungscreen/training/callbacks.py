@@ -8,23 +8,16 @@ Lightning is imported only inside :func:`make_callbacks` and :func:`progress_bar
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from lungscreen import interrupts
+from lungscreen.training.run_context import is_finite
 
 if TYPE_CHECKING:
-    from lungscreen.training.engine import RunContext
-
-
-def is_finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+    from lungscreen.training.run_context import RunContext
 
 
 def make_callbacks():  # noqa: ANN201 - defined lazily so importing this module does not import Lightning

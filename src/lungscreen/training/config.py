@@ -36,10 +36,18 @@ from pydantic_core import PydanticCustomError
 
 from lungscreen.errors import ConfigError
 from lungscreen.training.overrides import apply_overrides, deep_merge, set_key
-from lungscreen.training.recipe_checks import TaskSpec, check_semantics, default_monitor, resolve_task
+from lungscreen.training.recipe_checks import (
+    TaskSpec,
+    check_loss,
+    check_weights,
+    default_monitor,
+    parse_lr,
+    parse_train_spec,
+    resolve_task,
+)
 
 __all__ = [
-    "CONFIG_DIR", "DEFAULT_SEARCH", "BalanceConfig", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig",
+    "CONFIG_DIR", "DEFAULT_SEARCH", "AdversaryConfig", "BalanceConfig", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig",
     "LossConfig", "LRFindConfig", "StageConfig", "MonitorConfig", "TrackingConfig", "ParamRange", "TuneConfig",
     "DistributedConfig", "TrainConfig", "load_config", "resolve_config_path", "read_yaml", "from_dict", "to_raw",
     "apply_overrides", "set_key", "error_message",
@@ -98,13 +106,19 @@ class BalanceConfig(_Section):
     each class equally likely; ``undersample``: every epoch a fresh random subset of each class, as large
     as the smallest class; ``none``: a plain shuffle; ``alternate`` (multi-task): every batch from the images
     labelled for one of ``heads``, the heads taking turns (an image goes with the first of them it has a
-    label for; images with none are left out of the stage).
+    label for; images with none are left out of the stage); ``source_label``: the class independent of the
+    source in every batch (each class alike within each source holding every class; ``source_weights`` size
+    or equal across those sources), the sources missing a class given ``partial_share`` of the draws or left
+    out (``partial_sources: exclude``).
     """
 
-    method: Literal["none", "covid_percent", "weighted", "undersample", "alternate"] = "none"
+    method: Literal["none", "covid_percent", "weighted", "undersample", "alternate", "source_label"] = "none"
     covid_percent: Rate = 0.5
     positive_class: str = "COVID-19"
     heads: list[str] = Field(default_factory=list)
+    partial_sources: Literal["weight", "exclude"] = "weight"
+    partial_share: Float = Field(0.1, ge=0, lt=1)
+    source_weights: Literal["size", "equal"] = "size"
 
 
 class DataConfig(_Section):
@@ -179,6 +193,9 @@ class LossConfig(_Section):
     order, or a mapping class name -> weight (checked against the task in from_dict). ``nested_weight``:
     weight of the BCE on pixels a mask teaches only through nested channels (the lung conventions).
     ``head_weights``: a multi-task model's head name -> weight of its loss in the sum.
+    ``spectral_decoupling``: lambda of the spectral-decoupling penalty ``lambda / 2 * mean ||logits||^2`` added
+    to a classifier's loss (Pohjonen et al. 2022: the penalty keeps a network from leaning on the few
+    features that separate the training data best, such as a hospital's marks; 0 turns it off).
     """
 
     name: Literal["ce", "focal", "bce", "dice_bce", "yolo"] | None = None
@@ -187,6 +204,7 @@ class LossConfig(_Section):
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
     nested_weight: Float = Field(0.5, ge=0)
     head_weights: dict[str, Float] = Field(default_factory=dict)
+    spectral_decoupling: Float = Field(0.0, ge=0)
 
 
 class LRFindConfig(_Section):
@@ -225,6 +243,20 @@ class SimCLRConfig(_Section):
     rotation: Float = Field(15.0, ge=0, le=180)
 
 
+class AdversaryConfig(_Section):
+    """A site adversary for a classification stage (:mod:`lungscreen.training.heads`): a head predicting the
+    image's source from the encoder's embedding through a gradient-reversal layer, so the
+    encoder learns features the head cannot tell the sources apart by. ``class_conditional``: the head
+    predicts the source within each class (it removes the site, not the disease). The reversal's strength
+    ramps from 0 to ``weight`` over the stage as ``2 / (1 + exp(-gamma * progress)) - 1`` (Ganin & Lempitsky
+    2015); ``hidden_dim`` is the head's hidden width."""
+
+    weight: Float = Field(1.0, gt=0)
+    gamma: Float = Field(10.0, gt=0)
+    hidden_dim: Int = Field(128, gt=0)
+    class_conditional: Bool = True
+
+
 class StageConfig(_Section):
     """One stage of a recipe: a size, a number of epochs, what trains and how.
 
@@ -247,6 +279,7 @@ class StageConfig(_Section):
     reset_head: Bool = False
     teacher_forcing: TeacherForcingConfig | None = None
     objective: Literal["supervised", "simclr"] = "supervised"  # simclr: self-supervised, labels unused
+    adversary: AdversaryConfig | None = None  # a site adversary beside the classifier (training only)
     simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
 
 
@@ -473,6 +506,39 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     config = _validate(TrainConfig, raw)
     check_semantics(config)
     return config
+
+
+def check_semantics(config: TrainConfig) -> None:
+    """Checks needing several blocks at once; also names unnamed stages and parses each stage's ``lr``."""
+    if not config.model.name:
+        raise ConfigError("model.name: required (see `lungscreen.models.list_models()`)")
+    names = [stage.name for stage in config.stages]
+    for index, stage in enumerate(config.stages):
+        key = f"stages.{index}"
+        if not stage.name:
+            stage.name = f"stage{index}"
+        if names.count(stage.name) > 1 and stage.name:
+            raise ConfigError(f"{key}.name: {stage.name!r} is used by more than one stage")
+        stage.optimizer.lr = parse_lr(stage.optimizer.lr, f"{key}.optimizer.lr")
+        parse_train_spec(stage.train, f"{key}.train")
+        data = config.stage_data(index)
+        task = resolve_task(data.task, f"{key}.data.task" if "task" in stage.data else "data.task")
+        check_loss(stage.loss.name, task, f"{key}.loss.name")
+        if stage.adversary is not None and (isinstance(task, dict) or task.kind != "multiclass"
+                                            or stage.objective != "supervised"):
+            raise ConfigError(f"{key}.adversary: a site adversary works beside a supervised multi-class classifier "
+                              f"(this stage: {stage.objective}, task {getattr(task, 'kind', 'multi-task')})")
+        if isinstance(task, dict):
+            continue
+        check_weights(stage.loss.class_weights, task, f"{key}.loss.class_weights")
+        if data.balance.method == "covid_percent" and data.balance.positive_class not in task.classes:
+            raise ConfigError(f"data.balance.positive_class: {data.balance.positive_class!r} is not a class of task "
+                              f"{task.name} ({', '.join(task.classes)})")
+        if data.batch_size < 2 and index == 0:
+            raise ConfigError("data.batch_size: must be >= 2 (BatchNorm needs more than one image)")
+    metric, _ = config.monitor_metric()
+    if not metric.startswith(("val/", "train/")):
+        raise ConfigError(f"monitor.metric: {metric!r} must start with val/ or train/ (e.g. val/f1/COVID-19)")
 
 
 def to_raw(config: TrainConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ How it runs in the engine:
   epoch by that loss);
 - a sample's ``image`` is its two views stacked, ``(2, C, S, S)``: lightly's ``SimCLRTransform`` on the
   8-bit picture (grayscale: no hue or saturation jitter), drawn from the item's own seed;
-- :class:`Pretrainer` wraps the stage's model: backbone ``features`` -> lightly's SimCLR projection head;
+- :class:`Pretrainer` (a :class:`~lungscreen.training.heads.TrainingHead`) wraps the stage's model: backbone ``features`` -> lightly's SimCLR projection head;
   the head is dropped afterwards, and the stage's checkpoints hold the backbone (with its own, untrained
   classifier), which any recipe starts from with ``model.init_from: RUN`` (the head is swapped when the
   classes differ).
@@ -34,13 +34,14 @@ from torch import Tensor, nn
 
 from lungscreen.data.labels import Task
 from lungscreen.training.data import ManifestDataset
+from lungscreen.training.heads import TrainingHead, embedding_width
 from lungscreen.training.objectives import Objective
 from lungscreen.training.sampling import SampleKey
 
 OBJECTIVES = ("supervised", "simclr")
 
 
-class Pretrainer(nn.Module):
+class Pretrainer(TrainingHead):
     """A backbone and a projection head: ``(N, 2, C, S, S)`` view pairs -> ``(N, 2, out_dim)`` projections.
 
     Args:
@@ -56,14 +57,7 @@ class Pretrainer(nn.Module):
         if not hasattr(backbone, "features"):
             raise ValueError(f"{type(backbone).__name__} has no features(): it cannot be pre-trained contrastively")
         self.backbone = backbone
-        spec = backbone.lungscreen_spec
-        side = max(32, int(getattr(backbone, "min_input_size", 32)))
-        was_training = backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            width = backbone.features(torch.zeros(2, spec.in_channels, side, side)).shape[1]
-        backbone.train(was_training)
-        self.projection = SimCLRProjectionHead(width, hidden_dim, out_dim)
+        self.projection = SimCLRProjectionHead(embedding_width(backbone), hidden_dim, out_dim)
 
     def forward(self, views: Tensor) -> Tensor:
         pairs = views.shape[0]
@@ -73,11 +67,6 @@ class Pretrainer(nn.Module):
     def layer_groups(self) -> list[nn.Module]:
         """The backbone's groups without its classifier, then the projection head."""
         return [*self.backbone.layer_groups()[:-1], self.projection]
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The network a checkpoint stores: a pre-training wrapper's backbone, else the model itself."""
-    return model.backbone if isinstance(model, Pretrainer) else model
 
 
 class ContrastiveObjective(Objective):

@@ -22,6 +22,7 @@ however many loader workers there are.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,10 @@ class ImageStore:
     Rows whose image cannot be used (unreadable, blank, a mask of another picture...) are left out after
     :meth:`load_all`, each with its reason in :attr:`failures`: a run reports them and goes on with the rest.
 
+    The store holds images, not answers: stages that read the same images with other targets (a
+    self-supervised stage, then the supervised one) share the pictures through :meth:`with_rows`, each
+    with its own rows.
+
     Args:
         frame: the rows.
         pipeline: the run's preprocessing.
@@ -92,6 +97,8 @@ class ImageStore:
         self.pipeline, self.sizes = pipeline, sorted(set(sizes))
         self.cache_dir, self.already_applied, self.with_masks = cache_dir, already_applied, with_masks
         self._samples: list[dict[int, Sample]] = []
+        self._paths = self.frame["image_path"].astype(str).tolist()  # the images asked for, in order
+        self._kept = np.arange(len(self.frame))  # their positions that loaded
         self.failures: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -109,7 +116,22 @@ class ImageStore:
                 self.failures.append((str(row["image_path"]), str(error)))
             if progress is not None:
                 progress(i)
+        self._kept = np.asarray(kept, dtype=np.int64)
         self.frame = self.frame.iloc[kept].reset_index(drop=True)
+
+    def with_rows(self, frame: pd.DataFrame) -> ImageStore:
+        """These images under another stage's rows: the same image paths in the same order, with that
+        stage's own columns (its targets above all); rows that failed to load stay out.
+
+        Raises:
+            ValueError: ``frame`` lists other images than the store was loaded from.
+        """
+        frame = frame.reset_index(drop=True)
+        if frame["image_path"].astype(str).tolist() != self._paths:
+            raise ValueError("with_rows: the frame lists other images than this store was loaded from")
+        view = copy.copy(self)
+        view.frame = frame.iloc[self._kept].reset_index(drop=True)
+        return view
 
     def _load(self, row: Mapping[str, Any]) -> dict[int, Sample]:
         sample = preprocessed_row(row, self.pipeline, cache_dir=self.cache_dir, already_applied=self.already_applied,

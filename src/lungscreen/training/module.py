@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lungscreen.training.config import StageConfig
+from lungscreen.training.heads import TrainingHead
 from lungscreen.training.objectives import Objective
 from lungscreen.training.optim import build_optimizer, build_schedule, discriminative_rates, plan_groups
 
@@ -66,6 +67,7 @@ class TrainModule(L.LightningModule):
         self._val_loss = torch.zeros(2, dtype=torch.float64)
         self._val_kept: list[dict[str, np.ndarray]] = []
         self.last_validation: dict[str, float] = {}
+        self.last_kept: dict[str, np.ndarray] = {}  # what the last validation's figures were computed from
 
     def stage_rates(self) -> float | tuple[float, float]:
         return (self.lr / self._spread, self.lr) if self._spread != 1.0 else self.lr
@@ -87,6 +89,8 @@ class TrainModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.stage_index, self.global_step,
                                                       self.global_rank]).generate_state(1)[0]))
+        if isinstance(self.model, TrainingHead):  # a site adversary's reversal ramps with the stage's progress
+            self.model.set_progress(self.global_step / max(1, int(self.trainer.estimated_stepping_batches) - 1))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.objective.loss(self(batch["image"]), batch)
@@ -122,7 +126,7 @@ class TrainModule(L.LightningModule):
         total, count = self._val_loss.tolist()
         figures["val/loss"] = total / count
         figures["train/loss"] = self.train_loss()
-        self.last_validation = figures
+        self.last_validation, self.last_kept = figures, kept
         self._val_kept = []
         for name, value in figures.items():
             # NaN (an undefined figure, e.g. PPV with no positive prediction) is logged as is; the

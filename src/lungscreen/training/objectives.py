@@ -44,7 +44,7 @@ from lungscreen.data.labels import Task
 from lungscreen.evaluation.metrics import classification_figures, detection_figures, dice_iou, multilabel_figures
 from lungscreen.models.boxes import AnchorGrid, detections
 from lungscreen.training.config import LossConfig
-from lungscreen.training.optim import build_loss
+from lungscreen.training.losses import build_loss, spectral_penalty
 
 #: Logit that makes a pixel "certainly background" (sigmoid ~ 1e-13): how unknown pixels leave the Dice.
 _OFF = -30.0
@@ -83,9 +83,11 @@ class MulticlassObjective(Objective):
     def __init__(self, task: Task, loss: LossConfig, class_weights: Tensor | None = None) -> None:
         super().__init__(task)
         self.criterion = build_loss(loss, len(task.classes), class_weights)
+        self.spectral_decoupling = loss.spectral_decoupling
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return self.criterion(logits.float(), batch["label"])
+        loss = self.criterion(logits.float(), batch["label"])
+        return loss + spectral_penalty(logits, self.spectral_decoupling) if self.spectral_decoupling else loss
 
     def activate(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits.float(), dim=1)
@@ -106,9 +108,11 @@ class MultilabelObjective(Objective):
     def __init__(self, task: Task, loss: LossConfig, class_weights: Tensor | None = None) -> None:
         super().__init__(task)
         self.criterion = nn.BCEWithLogitsLoss(pos_weight=class_weights)
+        self.spectral_decoupling = loss.spectral_decoupling
 
     def loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        return self.criterion(logits.float(), batch["label"].float())
+        loss = self.criterion(logits.float(), batch["label"].float())
+        return loss + spectral_penalty(logits, self.spectral_decoupling) if self.spectral_decoupling else loss
 
     def keep(self, logits: Tensor, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {"probs": self.activate(logits).cpu().numpy(), "labels": batch["label"].cpu().numpy(),

@@ -1,5 +1,5 @@
-"""Stages' building blocks: trainable layer groups, discriminative learning rates, optimizers,
-schedules and losses.
+"""Stages' building blocks: trainable layer groups, discriminative learning rates, optimizers and
+schedules (losses: :mod:`~lungscreen.training.losses`).
 
 Layer groups come from the model (``model.layer_groups()``: input side first, head last). A stage trains
 some of them; its ``lr`` is one rate, or ``[first, last]`` spread geometrically over the trained groups
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lungscreen.errors import ConfigError
-from lungscreen.training.config import LossConfig, OptimizerConfig, ScheduleConfig
+from lungscreen.training.config import OptimizerConfig, ScheduleConfig
 from lungscreen.training.recipe_checks import parse_train_spec
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -143,60 +143,3 @@ def build_schedule(config: ScheduleConfig, optimizer: torch.optim.Optimizer, *, 
         return {"scheduler": scheduler, "interval": "epoch", "monitor": config.monitor, "strict": True}
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs, gamma=config.factor)
     return {"scheduler": scheduler, "interval": "epoch"}
-
-
-class FocalLoss(nn.Module):
-    """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by ``(1 - p_true) ** gamma``, so the many
-    easy images weigh less than the few hard ones."""
-
-    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None) -> None:
-        super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight if weight is not None else None)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        log_p = torch.log_softmax(logits.float(), dim=1)
-        log_true = log_p.gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - log_true.exp()) ** self.gamma) * log_true
-        if self.weight is not None:
-            w = self.weight[target]
-            return (loss * w).sum() / w.sum()
-        return loss.mean()
-
-
-class OneHotBCE(nn.Module):
-    """Binary cross-entropy per class on one-hot targets (multi-label heads); ``pos_weight`` from class weights."""
-
-    def __init__(self, num_classes: int, pos_weight: Tensor | None = None) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if target.ndim == 1:
-            target = nn.functional.one_hot(target, self.num_classes)
-        return self.loss(logits.float(), target.float())
-
-
-def resolve_class_weights(spec: Any, class_names: tuple[str, ...], train_targets: np.ndarray) -> Tensor | None:
-    """The ``loss.class_weights`` of a stage as a tensor in class order."""
-    from lungscreen.training.sampling import balanced_class_weights
-
-    if spec is None:
-        return None
-    if spec == "balanced":
-        weights = balanced_class_weights(train_targets, len(class_names))
-    elif isinstance(spec, dict):
-        weights = np.array([float(spec.get(name, 1.0)) for name in class_names])
-    else:
-        weights = np.array([float(w) for w in spec])
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def build_loss(config: LossConfig, num_classes: int, weights: Tensor | None) -> nn.Module:
-    """A classifier's loss (``ce`` when the recipe leaves the name to the task)."""
-    if config.name in (None, "ce"):
-        return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    if config.name == "focal":
-        return FocalLoss(config.gamma, weights)
-    return OneHotBCE(num_classes, pos_weight=weights)

@@ -8,7 +8,6 @@ naming the recipe key; the run itself (:mod:`~lungscreen.training.engine`) then 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,36 +21,11 @@ from lungscreen.data.labels import Task
 from lungscreen.errors import ConfigError, LungscreenError, ManifestError
 from lungscreen.preprocessing import Pipeline
 from lungscreen.training.config import DataConfig, TrainConfig
+from lungscreen.training.distributed import DistEnv
 from lungscreen.training.recipe_checks import TaskSpec, resolve_task
 from lungscreen.training.run_folder import read_json
 
 REQUIRED_COLUMNS = ("image_path", "label", "patient_id", "source", "split")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_zero(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,6 +241,15 @@ def prepare(config: TrainConfig, *, env: DistEnv = DistEnv(), build_model: bool 
                               "(or alternate, batches from one head's data at a time)")
         if data.balance.method == "alternate":
             alternation_groups(frames[data.train_split], task, data.balance.heads)
+        if data.balance.method == "source_label" and stage.objective == "supervised":
+            from lungscreen.training.sampling import source_label_weights
+
+            train = frames[data.train_split]
+            try:
+                source_label_weights(train["target"], train["source"].astype(str), data.balance.partial_sources,
+                                     data.balance.partial_share, data.balance.source_weights)
+            except ValueError as error:
+                raise ConfigError(f"{key}.balance: {error}") from None
         if data.balance.method == "covid_percent" and stage.objective == "supervised":
             positive = task.classes.index(data.balance.positive_class)
             if not (frames[data.train_split]["target"] == positive).any():

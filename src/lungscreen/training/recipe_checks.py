@@ -1,22 +1,20 @@
-"""The checks of a recipe that need several of its blocks at once, and the recipe's values with a grammar.
+"""A recipe's values with a grammar, and the checks of one value against the stage's task.
 
 Pydantic (:mod:`~lungscreen.training.config`) validates each block's types and ranges; what is checked
-here crosses blocks (a stage's class weights against its task, the balancing class, the monitored
-figure) or parses a small language (a learning rate or ``find``, a slice of layer groups, an inline
-task). Checks that need the model zoo or the manifest run in :func:`lungscreen.training.prepare.prepare`.
+here parses a small language (a learning rate or ``find``, a slice of layer groups, an inline task) or
+holds a value against the task it serves (class weights, a loss); ``check_semantics`` in
+:mod:`~lungscreen.training.config` runs these over a whole recipe. Checks that need the model zoo or the
+manifest run in :func:`lungscreen.training.prepare.prepare`.
 Every error names its key as ``--set`` spells it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lungscreen.data.labels import CANONICAL_LABELS, TASK_KINDS, TASKS, Task
 from lungscreen.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lungscreen.training.config import TrainConfig
 
 #: A stage's task: one task, or head name -> task for a multi-task model.
 TaskSpec = Task | dict[str, Task]
@@ -131,35 +129,6 @@ def check_loss(name: str | None, task: TaskSpec, key: str) -> None:
     if name not in LOSSES[task.kind]:
         raise ConfigError(f"{key}: {name!r} cannot train a {task.kind} task ({task.name}); use "
                           f"{' or '.join(LOSSES[task.kind])}")
-
-
-def check_semantics(config: TrainConfig) -> None:
-    """Checks needing several blocks at once; also names unnamed stages and parses each stage's ``lr``."""
-    if not config.model.name:
-        raise ConfigError("model.name: required (see `lungscreen.models.list_models()`)")
-    names = [stage.name for stage in config.stages]
-    for index, stage in enumerate(config.stages):
-        key = f"stages.{index}"
-        if not stage.name:
-            stage.name = f"stage{index}"
-        if names.count(stage.name) > 1 and stage.name:
-            raise ConfigError(f"{key}.name: {stage.name!r} is used by more than one stage")
-        stage.optimizer.lr = parse_lr(stage.optimizer.lr, f"{key}.optimizer.lr")
-        parse_train_spec(stage.train, f"{key}.train")
-        data = config.stage_data(index)
-        task = resolve_task(data.task, f"{key}.data.task" if "task" in stage.data else "data.task")
-        check_loss(stage.loss.name, task, f"{key}.loss.name")
-        if isinstance(task, dict):
-            continue
-        check_weights(stage.loss.class_weights, task, f"{key}.loss.class_weights")
-        if data.balance.method == "covid_percent" and data.balance.positive_class not in task.classes:
-            raise ConfigError(f"data.balance.positive_class: {data.balance.positive_class!r} is not a class of task "
-                              f"{task.name} ({', '.join(task.classes)})")
-        if data.batch_size < 2 and index == 0:
-            raise ConfigError("data.batch_size: must be >= 2 (BatchNorm needs more than one image)")
-    metric, _ = config.monitor_metric()
-    if not metric.startswith(("val/", "train/")):
-        raise ConfigError(f"monitor.metric: {metric!r} must start with val/ or train/ (e.g. val/f1/COVID-19)")
 
 
 def parse_train_spec(spec: Any, key: str) -> str | slice | list[int]:

@@ -24,7 +24,7 @@ from lungscreen.io.files import write_atomic
 
 if TYPE_CHECKING:
     from lungscreen.training.config import TrainConfig
-    from lungscreen.training.prepare import DistEnv
+    from lungscreen.training.distributed import DistEnv
 
 
 def default_run_dir(config: TrainConfig, env: DistEnv) -> Path:

@@ -12,6 +12,13 @@ processes, the balancing of every update is kept exactly, and a resumed run repl
 item also carries its own augmentation seed (:class:`SampleKey`), so an image drawn twice in an epoch gets
 two different augmentations, and the data loader's workers need no random state of their own.
 
+Source-balanced sampling (``source_label``) is the lever against the field's best-known shortcut: in the
+public COVID-19 sets the label is largely predictable from the hospital, and a network learns the hospital
+first. It draws each (source, class) cell equally often among the sources that hold every class, so within
+a batch the label carries no information about the source; sources missing a class (NIH's or OpenIST's
+negatives) are left out or given a small fixed share (``partial_share``), so they cannot carry the label on
+their own.
+
 MultiCheXNet's alternating training (paper 001, Algorithm 1) is one more method: ``alternate`` reads the
 targets as the *data set* of each image (its group; -1 leaves it out) and makes every batch from one group,
 the groups taking turns; a group with fewer batches starts again on a fresh order, so an epoch ends when the
@@ -31,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Sampler
 
-METHODS = ("none", "covid_percent", "weighted", "undersample", "alternate")
+METHODS = ("none", "covid_percent", "weighted", "undersample", "alternate", "source_label")
 
 
 class SampleKey(NamedTuple):
@@ -63,10 +70,17 @@ class EpochSampler(Sampler[SampleKey]):
         covid_percent: share of each batch's slots drawn from the positive class (COVID-Net: 0.5 by default).
         rank: this process's rank.
         world_size: number of processes.
+        sources: the source of every training image (``source_label`` balancing).
+        partial_sources: ``weight`` (sources missing a class get ``partial_share`` of the draws) or
+            ``exclude`` (they are left out).
+        partial_share: share of draws given to the sources missing a class, when weighted.
+        source_weights: ``size`` or ``equal`` (see :func:`source_label_weights`).
     """
 
     def __init__(self, targets: Sequence[int], *, method: str = "none", batch_size: int = 32, seed: int = 0,
-                 positive: int | None = None, covid_percent: float = 0.5, rank: int = 0, world_size: int = 1) -> None:
+                 positive: int | None = None, covid_percent: float = 0.5, rank: int = 0, world_size: int = 1,
+                 sources: Sequence[str] | None = None, partial_sources: str = "weight",
+                 partial_share: float = 0.1, source_weights: str = "size") -> None:
         if method not in METHODS:
             raise ValueError(f"unknown balancing method {method!r}; choose one of {', '.join(METHODS)}")
         if batch_size % world_size:
@@ -89,6 +103,8 @@ class EpochSampler(Sampler[SampleKey]):
                 raise ValueError("covid_percent balancing needs negative images in the training set")
         if method == "alternate" and not (self.targets >= 0).any():
             raise ValueError("alternate batches need images in at least one group")
+        self.draw_weights = source_label_weights(self.targets, sources, partial_sources, partial_share,
+                                                 source_weights) if method == "source_label" else None
 
     @property
     def per_rank_batch(self) -> int:
@@ -129,6 +145,11 @@ class EpochSampler(Sampler[SampleKey]):
         weights = 1.0 / counts[self.targets]
         return rng.choice(len(self.targets), size=len(self.targets), replace=True, p=weights / weights.sum())
 
+    def _order_source_label(self, rng: np.random.Generator) -> np.ndarray:
+        """As many draws as images, with replacement, by :func:`source_label_weights`."""
+        eligible = int(np.count_nonzero(self.draw_weights))
+        return rng.choice(len(self.targets), size=eligible, replace=True, p=self.draw_weights)
+
     def _order_undersample(self, rng: np.random.Generator) -> np.ndarray:
         classes = np.unique(self.targets)
         smallest = min(int((self.targets == c).sum()) for c in classes)
@@ -158,3 +179,48 @@ class EpochSampler(Sampler[SampleKey]):
             slots = rng.choice(self.batch_size, size=share, replace=False)
             row[slots] = rng.choice(positives, size=share, replace=len(positives) < share)
         return order.reshape(-1)
+
+
+def source_label_weights(targets: Sequence[int], sources: Sequence[str] | None, partial_sources: str = "weight",
+                         partial_share: float = 0.1, source_weights: str = "size") -> np.ndarray:
+    """Per image, the probability of being drawn so that the class is independent of the source.
+
+    Within each source holding every class present, every class gets the same share of that source's draws;
+    the sources themselves weigh by their number of images (``size``) or alike (``equal``: then every (source,
+    class) cell weighs the same, but a small source's few images are drawn over and over - Figure 1's five
+    negatives would fill a sixth of a binary run's draws). The sources missing a class share
+    ``partial_share`` of the draws (their cells alike within each) or none (``partial_sources="exclude"``).
+
+    Raises:
+        ValueError: no sources given, or no source holds every class (the label cannot be made independent
+            of the source).
+
+    Example:
+        >>> w = source_label_weights([1, 0, 0, 0, 1, 0], ["a", "a", "a", "b", "b", "c"], "exclude", source_weights="equal")
+        >>> [round(float(x), 3) for x in w]      # a's one positive weighs what its two negatives weigh
+        [0.25, 0.125, 0.125, 0.25, 0.25, 0.0]
+    """
+    if sources is None or len(sources) != len(targets):
+        raise ValueError("source_label balancing needs the source of every training image")
+    if partial_sources not in ("weight", "exclude"):
+        raise ValueError(f"partial_sources must be weight or exclude, got {partial_sources!r}")
+    targets, sources = np.asarray(targets, dtype=np.int64), np.asarray(sources, dtype=object)
+    classes = set(np.unique(targets).tolist())
+    complete = [s for s in sorted(set(sources)) if set(targets[sources == s].tolist()) == classes]
+    partial = [s for s in sorted(set(sources)) if s not in complete]
+    if not complete or len(classes) < 2:
+        raise ValueError("source_label balancing needs a source holding every class of the training images "
+                         f"(classes {sorted(classes)}; no source holds them all)")
+    if source_weights not in ("size", "equal"):
+        raise ValueError(f"source_weights must be size or equal, got {source_weights!r}")
+    share = partial_share if partial and partial_sources == "weight" else 0.0
+    weights = np.zeros(len(targets))
+    for group, total in ((complete, 1.0 - share), (partial, share)):
+        sizes = np.array([np.sum(sources == source) for source in group], dtype=np.float64)
+        of_group = sizes / sizes.sum() if source_weights == "size" else np.full(len(group), 1.0 / max(len(group), 1))
+        for source, source_share in zip(group, of_group, strict=True):
+            cells = np.unique(targets[sources == source])
+            for cell in cells:
+                members = (sources == source) & (targets == cell)
+                weights[members] = total * source_share / len(cells) / members.sum()
+    return weights / weights.sum()

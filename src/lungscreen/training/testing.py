@@ -1,20 +1,27 @@
 """The end of a run: the operating point chosen on validation, then best.pt scored on the test split through
 its own inference spec, every figure with a 95 % interval that resamples whole patients, per source too,
-and a per-image table of what it predicted.
+and a per-image table of what it predicted; whether the run learned at all; ``summary.json``.
 
-Reported, never used to choose: recipes, thresholds and epochs are chosen on validation.
+Reported, never used to choose: recipes, thresholds and epochs are chosen on validation. The test figures
+are also written into best.pt (``extra["test"]``), so whoever shows the model's answers can show them too.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lungscreen.inference.scoring import original_images
+from lungscreen.io.files import write_atomic
 from lungscreen.models import OperatingPoint, load_checkpoint, save_checkpoint
-from lungscreen.training.prepare import TaskSpec
+from lungscreen.training.prepare import StagePlan, TaskSpec, task_name
+from lungscreen.training.run_context import RunContext
+from lungscreen.training.run_folder import say, write_json
+from lungscreen.training.stage import stage_objective
 
 
 def choose_operating_point(path: Path, frame: pd.DataFrame, positive_class: str, sensitivity: float,
@@ -66,7 +73,6 @@ def score_checkpoint(path: Path, store, task: TaskSpec, objective, *,  # noqa: A
     import torch
     from torch.utils.data import DataLoader
 
-    from lungscreen.models import load_checkpoint
     from lungscreen.training.data import ManifestDataset, collate
     from lungscreen.training.module import channels_last
 
@@ -105,3 +111,128 @@ def test_report(objective, kept: dict[str, np.ndarray], patients: np.ndarray, *,
     figures = bootstrap_many(np.arange(len(rows)), statistic=statistic, n_resamples=n_resamples, seed=seed,
                              groups=patients[rows])
     return {key: value.as_dict() for key, value in figures.items()}
+
+
+def operating_point(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
+    """Choose best.pt's decision threshold on the validation split (a single-label classifier whose task has
+    the configured positive class), store it in its inference spec, and say so."""
+    from lungscreen.errors import MetricError
+
+    wanted = context.config.operating_point
+    task = plan.task
+    positive = wanted.positive_class or ("COVID-19" if "COVID-19" in getattr(task, "classes", ()) else None)
+    if isinstance(task, dict) or task.kind != "multiclass" or positive is None or not wanted.enabled:
+        return None
+    try:
+        point = choose_operating_point(context.dir / "best.pt", original_images(plan.frames[plan.data.val_split]),
+                                       positive, wanted.sensitivity, chosen_on=f"{plan.data.val_split} split")
+    except MetricError as error:
+        say(f"  no operating point: {error}")
+        return None
+    say(f"operating point: {positive} when its probability >= {point.threshold:.4f} "
+        f"(validation sensitivity {point.figures['sensitivity']:.3f}, specificity {point.figures['specificity']:.3f})")
+    return point.model_dump()
+
+
+def test_run(context: RunContext, plan: StagePlan, frame: pd.DataFrame) -> dict[str, Any]:
+    """best.pt on the test split: test.json (and test_predictions.csv for a classifier)."""
+    best = context.dir / "best.pt"
+    if not isinstance(plan.task, dict) and plan.task.kind == "multiclass":
+        table, test = test_classifier(best, original_images(frame))
+        write_atomic(context.dir / "test_predictions.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
+    else:
+        objective = stage_objective(context.config.stages[-1], plan, plan.frames[plan.data.train_split]["target"].to_numpy(),
+                               load_checkpoint(best).model)
+        store = context.store(plan, plan.data.test_split)
+        kept, patients = score_checkpoint(best, store, plan.task, objective)
+        tested = store.frame
+        test = {"images": int(len(tested)), "patients": int(tested["patient_id"].nunique()),
+                "skipped": len(store.failures),
+                "counts": {str(k): int(v) for k, v in tested["target_name"].value_counts().sort_index().items()}
+                if "target_name" in tested else {},
+                "figures": test_report(objective, kept, patients)}
+    write_json(context.dir / "test.json", test)
+    for name in ("accuracy", "balanced_accuracy", "sensitivity/COVID-19", "ppv/COVID-19", "macro_auc", "dice"):
+        if name in test["figures"]:
+            figure = test["figures"][name]
+            say(f"test {name}: {figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]")
+    return test
+
+
+def keep_test_figures(best: Path, test: dict[str, Any], split: str) -> None:
+    """Write the test figures into best.pt (``extra["test"]``): what the viewer and the PACS report show
+    beside an answer, travelling with the weights they describe."""
+    def plain(value: Any) -> Any:  # JSON without NaN: an undefined figure (no positive prediction) is None
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, (float, np.floating)):
+            return float(value) if np.isfinite(value) else None
+        return value.item() if isinstance(value, np.integer) else value
+
+    checkpoint = load_checkpoint(best)
+    kept = plain({"split": split, **{key: test[key] for key in ("images", "patients", "counts", "figures")
+                                     if key in test}})
+    extra = {**checkpoint.meta.get("extra", {}), "test": kept}
+    save_checkpoint(best, checkpoint.model, spec=checkpoint.spec, extra=extra)
+
+
+#: How far above chance the best validation epoch must be for a run to count as having learned.
+CHANCE_MARGIN = 0.05
+
+
+def learned_beyond_chance(history: pd.DataFrame, task: TaskSpec, last_stage: int) -> tuple[bool | None, str]:
+    """Whether the last stage's validation ever beat chance, and the warning to print when it never did.
+
+    Chance is 1/k for a classifier's balanced accuracy and 0.5 for an AUC; a run counts as having learned
+    when its best epoch is at least :data:`CHANCE_MARGIN` above it. None (no judgement) for masks and boxes.
+    """
+    figure, chance = _chance_of(task)
+    rows = history[history["stage"] == last_stage] if not history.empty else history
+    if figure is None or figure not in rows:
+        return None, ""
+    best = float(rows[figure].max())
+    if best >= chance + CHANCE_MARGIN:
+        return True, ""
+    return False, (f"the model did not learn: its best {figure} over {len(rows)} epoch(s) is {best:.3f}, chance is "
+                   f"{chance:.3f}; do not use this run (check the data, the learning rate, the epochs)")
+
+
+def _chance_of(task: TaskSpec) -> tuple[str | None, float]:
+    """The validation figure that says whether a classifier learned, and its value by chance."""
+    if isinstance(task, dict):
+        return ("val/findings/macro_auc", 0.5) if "findings" in task else (None, 0.0)
+    if task.kind == "multiclass":
+        return "val/balanced_accuracy", 1.0 / len(task.classes)
+    return ("val/macro_auc", 0.5) if task.kind == "multilabel" else (None, 0.0)
+
+
+def finish(context: RunContext, stage_reports: list[dict], started: float) -> dict[str, Any]:
+    config, env = context.config, context.env
+    plan = context.prepared.stages[-1]
+    summary: dict[str, Any] = {
+        "run": str(context.dir), "config": config.name, "model": config.model.name,
+        "task": task_name(plan.task), "classes": context.classes,
+        "stages": stage_reports, "best": context.best, "stopped": context.stop_requested,
+        "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in stage_reports), 2),
+    }
+    finished = env.is_zero and not context.stop_requested and context.best is not None
+    supervised = config.stages[-1].objective == "supervised"  # a pre-training run has no answers to test
+    if finished and supervised:
+        summary["operating_point"] = operating_point(context, plan)
+    test_frame = plan.frames.get(plan.data.test_split, pd.DataFrame())
+    if config.test and finished and supervised and not test_frame.empty:
+        summary["test"] = test_run(context, plan, test_frame)
+        keep_test_figures(context.dir / "best.pt", summary["test"], plan.data.test_split)
+    if supervised and context.best is not None:
+        summary["learned"], summary["warning"] = learned_beyond_chance(context.history(), plan.task,
+                                                                        len(config.stages) - 1)
+        if summary["warning"]:
+            say(f"warning: {summary['warning']}")
+    summary["wall_seconds_this_session"] = round(time.perf_counter() - started, 2)
+    if env.is_zero:
+        write_json(context.dir / "summary.json", summary)
+        if context.tracker is not None:
+            context.tracker.finish(summary)
+    return summary

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lungscreen.errors import ConfigError
-from lungscreen.training.callbacks import is_finite
 from lungscreen.training.config import TrainConfig, to_raw
+from lungscreen.training.run_context import is_finite
 from lungscreen.training.run_folder import read_json, write_json
 
 
