@@ -84,6 +84,7 @@ LEVERS: dict[str, list[str]] = {
 
 def preprocessed(manifest: Path) -> Path:
     """The shared manifest's chest X-rays through ``lungcrop`` with the U-Net (cached)."""
+    import lungscreen.lungs  # noqa: F401  (registers the segment_lungs step)
     from lungscreen.data.manifest import load_manifest
     from lungscreen.preprocessing import get_pipeline, preprocess_manifest
 
