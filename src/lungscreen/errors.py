@@ -51,6 +51,11 @@ class UnsafeWeightsError(WeightsError):
     """A weights file that holds pickled Python objects, which could run code when loaded."""
 
 
+class OutOfScope(LungscreenError):
+    """An image the model was not made for (another modality, noise, a photograph, a lateral view...): it is
+    not screened. The message starts with "not screened:" and says which check refused it."""
+
+
 class MetricError(LungscreenError, ValueError):
     """A figure asked of data that cannot give it: one class only for an AUC, NaN probabilities, a wrong shape.
 

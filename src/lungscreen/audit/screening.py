@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lungscreen.audit.explain import explain_sample, lung_segmenter, lungs_on, overlay
+from lungscreen.errors import OutOfScope
 from lungscreen.inference.predict import Predictor
 from lungscreen.io.images import ChestImage, ImageMeta
 
@@ -129,6 +130,21 @@ def _distinct(value: float, threshold: float) -> tuple[str, str]:
     return f"{value:.{digits}f}", f"{threshold:.{digits}f}"
 
 
+def gate_refusal(predictor: Predictor, sample: Any) -> str:  # noqa: ANN401 - a prepared Sample
+    """Why the run's OOD gate refuses ``sample`` ('' if it does not).
+
+    Raises:
+        OutOfScope: the gate refuses it and the predictor was not told to force ("not screened: <reason>").
+    """
+    if predictor.spec.gate is None or predictor.multitask:
+        return ""
+    _, features = predictor.scores([sample])
+    reason = predictor.refusals([sample], features)[0]
+    if reason and not predictor.force:
+        raise OutOfScope(f"not screened: {reason}")
+    return reason
+
+
 def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = None, explain: bool = True,
                  method: str = "gradcam") -> Screening:
     """The run's answer for ``image`` with its explanation (see the module docstring).
@@ -141,11 +157,15 @@ def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = No
         explain: compute the Grad-CAM heat-map (``method``); an exported ONNX model has none (a note says so).
 
     Raises:
+        OutOfScope: an image beyond the run's OOD gate ("not screened: ..."; ``predictor.force`` scores it).
         LungscreenError: an image the run cannot take (another modality without force, a blank image).
     """
     notes = [note] if (note := predictor.check_modality(image)) else []
     sample = predictor.prepare(image.pixels)
     score = predictor.distance(sample)
+    refused = gate_refusal(predictor, sample)
+    if refused:
+        notes.append(f"beyond the OOD gate, scored with force: {refused}")
     segmenter = segmenter or lung_segmenter(predictor)
     lungs, lung_note = lungs_on(segmenter, image.pixels)
     notes += [lung_note] if lung_note else []
@@ -162,7 +182,8 @@ def screen_image(predictor: Predictor, image: ChestImage, *, segmenter: Any = No
     probabilities = dense["probabilities"] if dense else predictor.probabilities([sample])[0]
     point = predictor.spec.operating_point
     return Screening(predictor.class_names, probabilities, predictor.decide(probabilities),
-                     point.model_dump(mode="json") if point else None, bool(score > 1.0), float(score), image.meta,
+                     point.model_dump(mode="json") if point else None, bool(score > 1.0 or refused), float(score),
+                     image.meta,
                      heatmap=heatmap, lungs=lungs, boxes=dense["boxes"] if dense else None,
                      mask=dense["mask"][0] if dense and dense["mask"] is not None else None,
                      screened=dense["positive"] if dense else None, notes=notes,

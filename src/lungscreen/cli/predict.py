@@ -23,8 +23,8 @@ def predict(
     mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder of --out if it does not exist."),
     modality: str | None = typer.Option(None, help="What the inputs are, CXR or CT, when you know (DICOM tags "
                                         "are read anyway); refused if the model was trained on the other."),
-    force: bool = typer.Option(False, "--force", help="Score inputs of another modality than the model's anyway "
-                               "(their rows say so)."),
+    force: bool = typer.Option(False, "--force", help="Score inputs of another modality than the model's, or "
+                               "beyond its out-of-distribution gate, anyway (their rows say so)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     workers: int = typer.Option(1, min=0, help="Threads decoding and preprocessing images (lung segmentation "
                                 "included) ahead of the model, so both run at once; 0: all in one thread."),

@@ -15,9 +15,12 @@ An exported model (``lungscreen export RUN --onnx OUT.onnx``) is predicted with 
 onnxruntime, the lung U-Net its pipeline needs included, and torch is never imported.
 
 A model is not silently used outside what it learned: a DICOM whose modality is not the model's is
-refused (``force`` scores it, flagged), and every image's intensity histogram is compared with the
-training inputs' (the spec's reference): ``ood`` marks an image farther from it than 99 % of the training
-images were, ``ood_score`` is that distance over the threshold.
+refused (``force`` scores it, flagged); an image beyond the spec's out-of-distribution gate
+(:mod:`~lungscreen.inference.gate`: the model's own features, the grey levels, the lungs) is not screened -
+its row has no probabilities and says why in ``error`` ("not screened: ...") - unless ``force`` scores it
+with the reason in ``note``. ``ood`` marks such an image, and one whose intensity histogram lies farther
+from the training inputs' than 99 % of the training images did (``ood_score``: that distance over the
+threshold).
 
 Example:
     >>> frame = predict_paths("runs/covid-resnet-cpu", ["new_images/"])       # doctest: +SKIP
@@ -39,6 +42,7 @@ import pandas as pd
 import lungscreen.lungs  # noqa: F401  (registers the segment_lungs preprocessing step a spec may name)
 from lungscreen.errors import ConfigError, LungscreenError
 from lungscreen.io.files import iter_image_files
+from lungscreen.inference.gate import lung_statistics, refusals
 from lungscreen.io.images import ChestImage, is_dicom, read_frames, read_image
 from lungscreen.models.onnx import OnnxModel, is_onnx
 from lungscreen.preprocessing import Sample
@@ -59,7 +63,8 @@ class Predictor:
             onnxruntime; no Grad-CAM, which needs the PyTorch model's gradients).
         modality: what the inputs are (``CXR`` or ``CT``) when the caller knows; None trusts DICOM tags and
             otherwise assumes the model's own.
-        force: score inputs of another modality anyway (their rows say so) instead of refusing them.
+        force: score inputs of another modality, or beyond the OOD gate, anyway (their rows say so) instead
+            of refusing them.
 
     Raises:
         ConfigError / WeightsError: no checkpoint, an unsafe or version-1 file, a spec that contradicts its
@@ -122,16 +127,35 @@ class Predictor:
 
     def probabilities(self, samples: Sequence[Sample]) -> np.ndarray:
         """(N, classes) probabilities of prepared samples (the classification head's softmax or sigmoid)."""
-        batch = to_array([s.image for s in samples], self.spec.input)
-        if self.onnx:
-            logits = self.model(batch)[self.head.name]
-        else:
-            import torch
+        return self.scores(samples)[0]
 
-            with torch.inference_mode():
-                outputs = self.model(torch.from_numpy(batch))
+    def scores(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, classes), pooled embeddings (N, D) or None): the embeddings come along where the
+        spec has an OOD gate (which reads them) and the model gives them."""
+        batch = to_array([s.image for s in samples], self.spec.input)
+        wants = self.spec.gate is not None
+        if self.onnx:
+            outputs = self.model(batch)
+            return self.spec.probabilities(outputs[self.head.name], self.head.name), outputs.get("features")
+        import torch
+
+        with torch.inference_mode():
+            images = torch.from_numpy(batch)
+            if wants and hasattr(self.model, "features") and not self.multitask:
+                features = self.model.features(images)
+                logits, features = self.model.classifier(features).float().numpy(), features.float().numpy()
+            else:
+                outputs = self.model(images)
                 logits = (outputs[self.head.name] if isinstance(outputs, dict) else outputs).float().numpy()
-        return self.spec.probabilities(logits, self.head.name)
+                features = None
+        return self.spec.probabilities(logits, self.head.name), features
+
+    def refusals(self, samples: Sequence[Sample], features: np.ndarray | None) -> list[str]:
+        """Per sample, why the OOD gate refuses it ('' when it does not, or when the spec has no gate)."""
+        if self.spec.gate is None or features is None:
+            return [""] * len(samples)
+        return refusals(self.spec.gate, features, [self.distance(s) for s in samples],
+                        [lung_statistics(s) for s in samples])
 
     def screen(self, samples: Sequence[Sample], *, threshold: float = 0.5) -> list[dict[str, Any]]:
         """A multi-task model's answer per sample, in the original image's pixels: ``probabilities``,
@@ -278,11 +302,20 @@ def predict_paths(run: str | Path | Predictor, inputs: Iterable[str | Path], *, 
             for (row_index, _), answer in zip(pending, answers, strict=True):
                 rows[row_index].update(dense_columns(predictor, answer, rows[row_index], row_index, masks))
             probabilities = np.stack([answer["probabilities"] for answer in answers])
+            refused = [""] * len(samples)
         else:
-            probabilities = predictor.probabilities(samples)
-        for (row_index, _), values in zip(pending, probabilities, strict=True):
-            rows[row_index].update({name: float(p) for name, p in zip(predictor.class_names, values, strict=True)})
-            rows[row_index]["prediction"] = predictor.decide(values)
+            probabilities, features = predictor.scores(samples)
+            refused = predictor.refusals(samples, features)
+        for (row_index, _), values, reason in zip(pending, probabilities, refused, strict=True):
+            row = rows[row_index]
+            if reason:
+                row["ood"] = True
+                if not predictor.force:
+                    row.update(error=f"not screened: {reason}", decided_by="")
+                    continue
+                row["note"] = "; ".join(filter(None, [row["note"], f"beyond the OOD gate, scored with --force: {reason}"]))
+            row.update({name: float(p) for name, p in zip(predictor.class_names, values, strict=True)})
+            row["prediction"] = predictor.decide(values)
         pending.clear()
 
     def row(item: Loaded) -> dict[str, Any]:

@@ -10,7 +10,8 @@ nothing else (no consumer keeps a default of its own). It holds:
   a manifest with its own task, even one defined inline in a recipe);
 * ``modality``, ``views`` and ``reference`` (the training inputs' intensity histogram): what the model
   was trained on, so it is not silently used on other images;
-* ``operating_point``: the threshold chosen on validation, once evaluation sets one.
+* ``operating_point``: the threshold chosen on validation, once evaluation sets one;
+* ``gate``: the out-of-distribution limits an image must stay within to be screened at all.
 
 Example:
     >>> spec = InferenceSpec(
@@ -154,6 +155,39 @@ class IntensityReference(BaseModel):
     images: int = Field(ge=1)
 
 
+class OodGate(BaseModel):
+    """What in-distribution looks like for a model, measured at the end of training: an image beyond any of
+    these limits is refused ("not screened"), not answered (:mod:`lungscreen.inference.gate`).
+
+    Attributes:
+        mean: mean of the training images' pooled embeddings (the model's penultimate features).
+        components: the leading principal axes of those embeddings (k x D).
+        variances: the embeddings' variance along each axis (k).
+        residual_variance: their mean variance per dimension off those axes.
+        feature_threshold: the largest Mahalanobis-type distance (over the embedding's dimension) accepted.
+        intensity_threshold: the largest intensity-histogram distance accepted, in units of the reference's
+            threshold (``reference``).
+        lung_ranges: per lung-mask statistic (share of the input, share of the image the lungs span, the
+            smaller lung over the larger), the accepted [low, high]; empty when the pipeline draws no lungs.
+        rejected_on_validation: the share of validation images these limits refuse (calibrated to stay below
+            ``target``), and ``validation_images``, how many it was measured on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mean: list[float] = Field(min_length=1)
+    components: list[list[float]]
+    variances: list[float]
+    residual_variance: float = Field(gt=0)
+    feature_threshold: float = Field(gt=0)
+    intensity_threshold: float = Field(gt=0)
+    lung_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    target: float = Field(gt=0, lt=1)
+    rejected_on_validation: float = Field(ge=0, le=1)
+    validation_images: int = Field(ge=1)
+    chosen_on: str = ""
+
+
 class InferenceSpec(BaseModel):
     """What a checkpoint's model eats and emits (see the module docstring)."""
 
@@ -167,6 +201,7 @@ class InferenceSpec(BaseModel):
     views: list[str] | None = None
     operating_point: OperatingPoint | None = None
     reference: IntensityReference | None = None
+    gate: OodGate | None = None
 
     @model_validator(mode="after")
     def _heads_are_unique(self) -> InferenceSpec:
@@ -225,6 +260,9 @@ class InferenceSpec(BaseModel):
     def with_operating_point(self, point: OperatingPoint | None) -> InferenceSpec:
         return self.model_copy(update={"operating_point": point})
 
+    def with_gate(self, gate: OodGate | None) -> InferenceSpec:
+        return self.model_copy(update={"gate": gate})
+
     # ---- checking against a model ----------------------------------------------------------------------
     def check_model(self, *, model_task: str, in_channels: int, num_classes: int | dict[str, int]) -> None:
         """Refuse a spec that contradicts the model it travels with, naming the field.
@@ -261,4 +299,4 @@ class InferenceSpec(BaseModel):
             raise ConfigError(f"{where} {location}: {first['msg']}") from None
 
 
-__all__ = ["ACTIVATIONS", "Head", "InferenceSpec", "InputSpec", "IntensityReference", "OperatingPoint"]
+__all__ = ["ACTIVATIONS", "Head", "InferenceSpec", "InputSpec", "IntensityReference", "OodGate", "OperatingPoint"]
