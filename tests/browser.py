@@ -13,10 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterable
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 #: Debian's package; CI installs it (.ci/run).
@@ -42,6 +46,31 @@ def unavailable() -> str | None:
     if chromium_path() is None:
         return f"Chromium not found at {CHROMIUM} or on PATH: apt-get install -y chromium (.ci/run does)"
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(app) -> Iterator[str]:  # noqa: ANN001 - an ASGI application
+    """Run ``app`` with uvicorn on a free loopback port in a thread, as `lungscreen serve` runs it; yield its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def render(path: str | Path, screenshot_path: str | Path, *, expect_text: Iterable[str] = (),

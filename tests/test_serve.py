@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from browser import CHROMIUM_ARGS, chromium_path, unavailable
+from browser import CHROMIUM_ARGS, chromium_path, served, unavailable
 from lungscreen.inference.predict import Predictor
 from lungscreen.lungs.segmenter import ClassicalSegmenter
 from lungscreen.models import OperatingPoint, create, save_checkpoint
@@ -133,28 +130,11 @@ def test_a_crafted_pickle_is_not_a_model(cli, tmp_path):
     assert code == 2 and not marker.exists(), stderr
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def server(checkpoint):
     """The viewer on a free loopback port in a thread, as `lungscreen serve` runs it."""
-    import uvicorn
-
-    port = free_port()
-    app = create_app(Predictor(checkpoint), segmenter=ClassicalSegmenter())
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with served(create_app(Predictor(checkpoint), segmenter=ClassicalSegmenter())) as url:
+        yield url
 
 
 def test_the_page_shows_an_answer_in_headless_chromium(server, shared_data, tmp_path):
@@ -182,7 +162,8 @@ def test_the_page_shows_an_answer_in_headless_chromium(server, shared_data, tmp_
             assert rows.count() == 3 and "COVID-19" in rows.all_inner_texts()[2]
             assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
             assert page.evaluate("document.getElementById('overlay').naturalWidth") > 0
-            assert "Operating point: COVID-19" in page.inner_text("#operating-point")
+            assert ("threshold 0.30 chosen by the rule sensitivity/COVID-19 >= 0.95 on the val split"
+                    in page.inner_text("#decision"))
             page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
         finally:
             browser.close()
@@ -198,3 +179,40 @@ def test_predict_rows_name_the_operating_point_that_decided_them(checkpoint, tmp
     assert row["decided_by"] == "COVID-19 if p >= 0.3 (operating point: sensitivity/COVID-19 >= 0.95, on val split)"
     assert row["prediction"] == ("COVID-19" if row["COVID-19"] >= 0.3 else
                                  max(["normal", "pneumonia"], key=lambda name: row[name]))
+
+
+def test_with_the_lung_crop_the_heat_map_sits_on_the_window_the_model_saw(tmp_path, shared_data):
+    """A lungcrop model sees the lung box only: its map is placed on that box of the original (EigenCAM, which
+    needs no trained gradients, fills it) and is zero elsewhere; the answer names the box and the lung method."""
+    import cv2
+
+    from lungscreen.audit.cams import class_activation_maps
+    from lungscreen.audit.screening import screen_image
+    from lungscreen.io.images import read_image
+    from lungscreen.preprocessing import get_pipeline
+    from lungscreen.preprocessing.model_input import to_tensor
+
+    torch.manual_seed(0)
+    pipeline = get_pipeline("lungcrop", {"segment_lungs.method": "classical"}).to_dict()
+    path = save_checkpoint(tmp_path / "best.pt", create("resnet18", num_classes=3, width=8),
+                           spec=spec_for(CLASSES, pipeline=pipeline, size=96))
+    image = read_image(next((shared_data / "openist-lung-masks").rglob("*.jpg")))
+    screening = screen_image(Predictor(path), image, segmenter=ClassicalSegmenter(), method="eigencam")
+    x0, y0, x1, y1 = (int(round(v)) for v in screening.seen)
+    height, width = image.pixels.shape
+    assert 0 < x1 - x0 < width or 0 < y1 - y0 < height, "the lung crop is smaller than the film"
+    inside = np.zeros((height, width), bool)
+    inside[y0:y1, x0:x1] = True
+    assert screening.heatmap[~inside].max() == 0 and (screening.heatmap[inside] > 0).mean() > 0.5
+    predictor = Predictor(path)
+    sample = predictor.prepare(image.pixels)
+    index = CLASSES.index(screening.prediction)
+    cam = class_activation_maps(predictor.classifier, to_tensor([sample.image], predictor.spec.input), [index],
+                                "eigencam")[0]
+    expected = cv2.resize(cam.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    assert np.allclose(screening.heatmap[y0:y1, x0:x1], expected, atol=1e-4 * max(1.0, float(cam.max())))
+    answer = screening.as_dict()
+    assert answer["seen"] == [round(v, 1) for v in screening.seen] and answer["lungs"]["method"] == "classical"
+    picture = screening.picture(image.pixels)
+    assert picture.shape == (height, width, 3)
+    assert (picture[y0 + 5: y1 - 5, max(0, x0 - 1): x0 + 2] == 255).all(axis=-1).any(), "dashed frame on the window"

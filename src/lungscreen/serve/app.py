@@ -5,9 +5,13 @@ Endpoints (FastAPI documents them at ``/docs``):
 - ``GET /``: the viewer page (``static/``: plain HTML, CSS and JavaScript, no build step, nothing loaded
   from elsewhere);
 - ``GET /health``: ``{"status": "ok"}``, for load balancers and tests;
-- ``GET /model``: what the run is (model, classes, heads, input, operating point, training summary);
+- ``GET /model``: what the run is (model, classes, heads, input, operating point, training summary, its own
+  test figures with their 95 % intervals as training stored them in best.pt, and which segmenter draws
+  the lungs: ``classical`` is the rough fallback of a machine without a trained lung model);
 - ``POST /predict``: multipart form with the image in field ``file`` (PNG, JPEG or DICOM); the screening
-  (:mod:`lungscreen.audit.screening`) as JSON with the original and the overlay as PNG data URLs.
+  (:mod:`lungscreen.audit.screening`: probabilities, the decision in words, lungs and the window the model
+  saw, DICOM identity) as JSON with the original and the overlay as PNG data URLs. An image the run does
+  not take (another modality, no lungs found...) is 422 with the reason in ``detail``.
 
 Security is part of the design: the model is loaded once, from the command line, never from a request; the
 upload is read into memory up to ``max_upload`` bytes (413 beyond, before decoding) and nothing from a
@@ -66,7 +70,7 @@ def create_app(predictor: Predictor, *, token: str | None = None, max_upload: in
 
     segmenter = segmenter or lung_segmenter(predictor)
     lock = threading.Lock()
-    about = model_summary(predictor)
+    about = {**model_summary(predictor), "lungs": getattr(segmenter, "method", None)}
     app = FastAPI(title="lungscreen viewer", version=about["lungscreen"], description=DISCLAIMER,
                   docs_url="/docs", redoc_url=None)
 
@@ -171,7 +175,20 @@ def model_summary(predictor: Predictor) -> dict[str, Any]:
             "operating_point": spec.operating_point.model_dump(mode="json") if spec.operating_point else None,
             "training": {"patients": len(extra.get("train_patients") or []), "best_epoch": best.get("epoch"),
                          "monitor": best.get("metric"), "validation": best.get("value")},
+            "test": json_safe(predictor.test_report),
             "lungscreen": version("lungscreen"), "disclaimer": DISCLAIMER}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite number replaced by None (JSON has no NaN; an undefined figure,
+    such as an AUC on a one-class split, is stored as NaN)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def static_file(name: str) -> Response:
