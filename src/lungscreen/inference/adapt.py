@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lungscreen.errors import ConfigError
 from lungscreen.io.files import iter_image_files, write_atomic
 from lungscreen.preprocessing.model_input import intensity_reference, to_tensor
@@ -100,7 +102,7 @@ def adapt_run(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
             if item.sample is None:
                 skipped += 1
                 continue
-            samples.append(item.sample.image)
+            samples.append(item.sample)
             digest.update(str(path).encode())
         if progress is not None:
             progress(count)
@@ -109,9 +111,10 @@ def adapt_run(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                           "of the new site to estimate its statistics")
     model = predictor.checkpoint.model
     spec = predictor.spec
-    layers = reestimate_batchnorm(model, (to_tensor(samples[i:i + batch_size], spec.input)
+    layers = reestimate_batchnorm(model, (to_tensor([s.image for s in samples[i:i + batch_size]], spec.input)
                                           for i in range(0, len(samples), batch_size)))
-    adapted = spec.model_copy(update={"reference": intensity_reference(samples)})
+    reference = intensity_reference([s.image for s in samples])
+    adapted = spec.model_copy(update={"reference": reference, "gate": site_gate(predictor, samples, reference)})
     meta = predictor.checkpoint.meta
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,4 +128,20 @@ def adapt_run(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     return result
 
 
-__all__ = ["AdaptResult", "adapt_run", "batchnorm_layers", "reestimate_batchnorm"]
+def site_gate(predictor: Any, samples: list[Any], reference: Any) -> Any:  # noqa: ANN401
+    """The OOD gate refitted on the site's own images through the adapted model (None where the run has none):
+    the embedding's statistics moved with the BatchNorm layers, so the old gate would measure the wrong
+    distances. With no validation split at the site, its limits are set on the same images."""
+    if predictor.spec.gate is None:
+        return None
+    from lungscreen.inference.gate import fit_gate, lung_statistics
+    from lungscreen.preprocessing.model_input import reference_distance
+
+    features = np.concatenate([predictor.scores(samples[i:i + 32], features=True)[1]
+                               for i in range(0, len(samples), 32)])
+    intensity = [reference_distance(s.image, reference) / reference.threshold for s in samples]
+    return fit_gate(features, features, intensity, [lung_statistics(s) for s in samples],
+                    target=predictor.spec.gate.target, chosen_on="the adapted site's own images")
+
+
+__all__ = ["AdaptResult", "adapt_run", "batchnorm_layers", "reestimate_batchnorm", "site_gate"]

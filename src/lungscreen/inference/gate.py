@@ -35,7 +35,8 @@ from lungscreen.preprocessing import LUNGS, Sample
 
 #: Principal axes kept of the embedding (the rest is summarised by one residual variance).
 COMPONENTS = 64
-#: Quantile of the validation images each of the intensity and lung limits starts from.
+#: Quantile of the validation images each of the intensity and lung limits starts from (taken at an actual
+#: image's value, never between two: on a small validation split that is its extreme).
 EDGE_QUANTILE = 0.995
 #: Share of validation images the gate may refuse (the issue's bound is 5 %; the margin covers the test split).
 TARGET = 0.03
@@ -138,9 +139,10 @@ def fit_gate(train_features: np.ndarray, val_features: np.ndarray, val_intensity
     if len(present) == len(val_lungs):
         for name in LUNG_STATISTICS:
             values = np.array([stats[name] for stats in present])
-            ranges[name] = (float(np.quantile(values, edge)), float(np.quantile(values, 1 - edge)))
+            ranges[name] = (float(np.quantile(values, edge, method="lower")),
+                            float(np.quantile(values, 1 - edge, method="higher")))
     finite = shifts[np.isfinite(shifts)]
-    intensity = float(np.quantile(finite, EDGE_QUANTILE)) if len(finite) else float("inf")
+    intensity = float(np.quantile(finite, EDGE_QUANTILE, method="higher")) if len(finite) else float("inf")
     intensity = max(intensity, 1e-6) if np.isfinite(intensity) else 1e6
     others = (np.isfinite(shifts) & (shifts > intensity)) | _outside(val_lungs, ranges)
     # the feature limit: the smallest distance whose refusals, with the others', stay within the target

@@ -129,11 +129,11 @@ class Predictor:
         """(N, classes) probabilities of prepared samples (the classification head's softmax or sigmoid)."""
         return self.scores(samples)[0]
 
-    def scores(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray | None]:
+    def scores(self, samples: Sequence[Sample], *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (N, classes), pooled embeddings (N, D) or None): the embeddings come along where the
-        spec has an OOD gate (which reads them) and the model gives them."""
+        spec has an OOD gate (which reads them) or ``features`` asks for them, and the model gives them."""
         batch = to_array([s.image for s in samples], self.spec.input)
-        wants = self.spec.gate is not None
+        wants = features or self.spec.gate is not None
         if self.onnx:
             outputs = self.model(batch)
             return self.spec.probabilities(outputs[self.head.name], self.head.name), outputs.get("features")
@@ -142,13 +142,13 @@ class Predictor:
         with torch.inference_mode():
             images = torch.from_numpy(batch)
             if wants and hasattr(self.model, "features") and not self.multitask:
-                features = self.model.features(images)
-                logits, features = self.model.classifier(features).float().numpy(), features.float().numpy()
+                embedding = self.model.features(images)
+                logits, embedding = self.model.classifier(embedding).float().numpy(), embedding.float().numpy()
             else:
                 outputs = self.model(images)
                 logits = (outputs[self.head.name] if isinstance(outputs, dict) else outputs).float().numpy()
-                features = None
-        return self.spec.probabilities(logits, self.head.name), features
+                embedding = None
+        return self.spec.probabilities(logits, self.head.name), embedding
 
     def refusals(self, samples: Sequence[Sample], features: np.ndarray | None) -> list[str]:
         """Per sample, why the OOD gate refuses it ('' when it does not, or when the spec has no gate)."""

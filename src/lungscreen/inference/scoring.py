@@ -6,7 +6,9 @@ checkpoint's own inference spec, so every figure lungscreen reports comes from t
 
 The table keeps what a report needs beside the probabilities: ``image_path``, ``patient_id``, ``source``,
 ``truth`` (the task's class name, when the row has one) and ``target`` (its index), one column per class,
-``prediction`` (the spec's operating point applied when it has one), ``ood`` / ``ood_score`` and ``error``.
+``prediction`` (the spec's operating point applied when it has one), ``ood`` / ``ood_score``, ``refused``
+(why the spec's OOD gate would not screen the image, '' when it would: figures are computed on every image,
+the refusals are counted beside them) and ``error``.
 
 Example:
     >>> table = score_rows(Predictor("runs/covid-resnet-cpu"), rows)            # doctest: +SKIP
@@ -51,14 +53,18 @@ def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32
     predictions = np.full(len(table), "", dtype=object)
     errors = np.full(len(table), "", dtype=object)
     ood, scores = np.zeros(len(table), bool), np.full(len(table), np.nan)
+    refused = np.full(len(table), "", dtype=object)
     pending: list[tuple[int, Sample]] = []
 
     def flush() -> None:
         if pending:
-            values = predictor.probabilities([sample for _, sample in pending])
-            for (index, _), row in zip(pending, values, strict=True):
+            samples = [sample for _, sample in pending]
+            values, features = predictor.scores(samples)
+            for (index, _), row, reason in zip(pending, values, predictor.refusals(samples, features), strict=True):
                 probabilities[index] = row
                 predictions[index] = predictor.decide(row)
+                refused[index] = reason
+                ood[index] |= bool(reason)
             pending.clear()
 
     for index, path in enumerate(table["image_path"].astype(str)):
@@ -77,8 +83,36 @@ def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32
     flush()
     for column, name in enumerate(classes):
         table[name] = probabilities[:, column]
-    table["prediction"], table["ood"], table["ood_score"], table["error"] = predictions, ood, scores, errors
+    table["prediction"], table["ood"], table["ood_score"] = predictions, ood, scores
+    table["refused"], table["error"] = refused, errors
     return table
+
+
+def gate_inputs(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32,
+                ) -> tuple[np.ndarray, list[float], list[dict[str, float] | None]]:
+    """What an OOD gate is fitted on, for the rows' images: the model's pooled embeddings (N, D), each
+    input's intensity distance (in units of the spec's reference threshold) and its lung statistics.
+    Images that cannot be prepared are left out.
+
+    Raises:
+        LungscreenError: the model gives no embedding (an ONNX export without one, a multi-task model).
+    """
+    from lungscreen.inference.gate import lung_statistics
+
+    samples = []
+    for path in rows["image_path"].astype(str):
+        try:
+            samples.append(predictor.prepare(read_image(path).pixels))
+        except LungscreenError:
+            continue
+    features = []
+    for start in range(0, len(samples), batch_size):
+        _, embedding = predictor.scores(samples[start:start + batch_size], features=True)
+        if embedding is None:
+            raise LungscreenError(f"{predictor.checkpoint.path}: the model gives no embedding to fit a gate on")
+        features.append(embedding)
+    return (np.concatenate(features) if features else np.zeros((0, 0)), [predictor.distance(s) for s in samples],
+            [lung_statistics(s) for s in samples])
 
 
 def original_images(rows: pd.DataFrame) -> pd.DataFrame:

@@ -63,6 +63,19 @@ class HeadOf(nn.Module):
         return self.model(x)[self.head]
 
 
+class WithEmbedding(nn.Module):
+    """A classifier that also returns its pooled embedding: ``{head: logits, "features": embedding}``, what an
+    export carries so the out-of-distribution gate can run without PyTorch."""
+
+    def __init__(self, model: nn.Module, head: str = "output") -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.model.features(x)
+        return {self.head: self.model.classifier(features), "features": features}
+
+
 class AdaptiveConcatPool2d(nn.Module):
     """Global max and average pooling side by side (fastai's ``AdaptiveConcatPool2d``): ``(N, C, H, W) -> (N, 2C)``.
 

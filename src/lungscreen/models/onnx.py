@@ -7,7 +7,8 @@ onnxruntime only: :class:`OnnxModel` never imports torch (writing one does, lazi
 
 The graph has one input ``image`` (N, channels, size, size) float32 with a dynamic batch axis and one output
 per head of the spec, named after the head, holding logits (the spec's activation turns them into
-probabilities: :meth:`InferenceSpec.probabilities`).
+probabilities: :meth:`InferenceSpec.probabilities`); a model with an out-of-distribution gate adds
+``features``, its pooled embedding, which the gate reads.
 
 Example:
     >>> export_checkpoint(load_checkpoint("runs/r/best.pt"), "model.onnx")   # doctest: +SKIP
@@ -40,6 +41,8 @@ FORMAT_KEY, META_KEY, SPEC_KEY = "lungscreen.format", "lungscreen.meta", "lungsc
 ONNX_FORMAT = "lungscreen-onnx-1"
 #: the input tensor's name
 INPUT_NAME = "image"
+#: the output holding the pooled embedding, in exports of a model with an OOD gate
+EMBEDDING_NAME = "features"
 OPSET = 17
 #: largest difference from PyTorch an fp32 export may show on random inputs
 PARITY_TOLERANCE = 1e-4
@@ -67,9 +70,13 @@ def export_checkpoint(checkpoint: Checkpoint, path: str | Path, *, spec: Inferen
     import onnx
     import torch
 
+    from lungscreen.models.layers import WithEmbedding
+
     spec = spec or checkpoint.spec
     names = [head.name for head in spec.heads]
     model = checkpoint.model.eval()
+    if spec.gate is not None and len(names) == 1 and hasattr(model, "features"):
+        model, names = WithEmbedding(model, names[0]).eval(), [names[0], EMBEDDING_NAME]  # what the gate reads
     images = torch.rand(2, spec.input.channels, spec.input.size, spec.input.size, generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation

@@ -49,7 +49,7 @@ from lungscreen.training.recipe_checks import (
 __all__ = [
     "CONFIG_DIR", "DEFAULT_SEARCH", "AdversaryConfig", "BalanceConfig", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig",
     "LossConfig", "LRFindConfig", "StageConfig", "MonitorConfig", "TrackingConfig", "ParamRange", "TuneConfig",
-    "DistributedConfig", "TrainConfig", "load_config", "resolve_config_path", "read_yaml", "from_dict", "to_raw",
+    "DistributedConfig", "GateConfig", "TrainConfig", "load_config", "resolve_config_path", "read_yaml", "from_dict", "to_raw",
     "apply_overrides", "set_key", "error_message",
 ]
 
@@ -307,6 +307,16 @@ class OperatingPointConfig(_Section):
     sensitivity: Float = Field(0.95, gt=0, le=1)
 
 
+class GateConfig(_Section):
+    """The out-of-distribution gate fitted on best.pt after training (:mod:`lungscreen.inference.gate`): its
+    embedding statistics from up to ``train_images`` training images, its limits set on the validation split
+    to refuse at most ``target`` of it. Images beyond it are not screened by predict, serve and pacs."""
+
+    enabled: Bool = True
+    target: Rate = 0.03
+    train_images: Int = Field(1000, ge=20)
+
+
 class TrackingConfig(_Section):
     """Experiment tracking. MLflow (a dev extra) logs to a local SQLite store unless ``uri`` says otherwise."""
 
@@ -385,6 +395,7 @@ class TrainConfig(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     test: Bool = True  # evaluate best.pt on the test split at the end (reported, never used to choose)
     description: str = ""
 

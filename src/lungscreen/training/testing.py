@@ -59,6 +59,7 @@ def test_classifier(path: Path, frame: pd.DataFrame, *, n_resamples: int = 1000)
     classes = predictor.class_names
     report = {"images": int(len(rows)), "patients": int(rows["patient_id"].nunique()),
               "skipped": int((table["error"] != "").sum()),
+              "refused_by_gate": int((rows["refused"] != "").sum()),
               "counts": {str(k): int(v) for k, v in rows["truth"].value_counts().sort_index().items()},
               "operating_point": predictor.spec.operating_point.model_dump() if predictor.spec.operating_point else None,
               "figures": {k: v.as_dict() for k, v in figures_of(rows, classes, n_resamples=n_resamples).items()},
@@ -132,6 +133,37 @@ def operating_point(context: RunContext, plan: StagePlan) -> dict[str, Any] | No
     say(f"operating point: {positive} when its probability >= {point.threshold:.4f} "
         f"(validation sensitivity {point.figures['sensitivity']:.3f}, specificity {point.figures['specificity']:.3f})")
     return point.model_dump()
+
+
+def fit_run_gate(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
+    """Fit best.pt's out-of-distribution gate (:mod:`lungscreen.inference.gate`): the embedding's Gaussian on
+    (up to ``gate.train_images`` of) the training images, the limits on the validation images; store it in
+    best.pt's inference spec and say what it refuses of validation."""
+    from lungscreen.inference.gate import fit_gate, gate_report
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.inference.scoring import gate_inputs
+
+    wanted = context.config.gate
+    best = context.dir / "best.pt"
+    predictor = Predictor(best)
+    if not wanted.enabled or predictor.multitask or not hasattr(predictor.model, "features"):
+        return None
+    train = original_images(plan.frames[plan.data.train_split])
+    train = train.sample(n=min(wanted.train_images, len(train)), random_state=context.config.seed)
+    val = original_images(plan.frames[plan.data.val_split])
+    try:
+        train_features, _, _ = gate_inputs(predictor, train)
+        val_features, intensity, lungs = gate_inputs(predictor, val)
+        gate = fit_gate(train_features, val_features, intensity, lungs, target=wanted.target,
+                        chosen_on=f"{plan.data.val_split} split")
+    except ValueError as error:
+        say(f"  no OOD gate: {error}")
+        return None
+    checkpoint = load_checkpoint(best)
+    save_checkpoint(best, checkpoint.model, spec=checkpoint.spec.with_gate(gate), extra=checkpoint.meta.get("extra"))
+    say(f"OOD gate: refuses {gate.rejected_on_validation:.1%} of the {gate.validation_images} validation images "
+        f"(target <= {gate.target:.0%}); images beyond it are not screened")
+    return gate_report(gate)
 
 
 def test_run(context: RunContext, plan: StagePlan, frame: pd.DataFrame) -> dict[str, Any]:
@@ -221,6 +253,7 @@ def finish(context: RunContext, stage_reports: list[dict], started: float) -> di
     supervised = config.stages[-1].objective == "supervised"  # a pre-training run has no answers to test
     if finished and supervised:
         summary["operating_point"] = operating_point(context, plan)
+        summary["ood_gate"] = fit_run_gate(context, plan)
     test_frame = plan.frames.get(plan.data.test_split, pd.DataFrame())
     if config.test and finished and supervised and not test_frame.empty:
         summary["test"] = test_run(context, plan, test_frame)
