@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from lungscreen.data.manifest import load_manifest
-from lungscreen.data.out_of_scope import write_out_of_scope
+from lungscreen.data.out_of_scope import kind_of, write_out_of_scope
 from lungscreen.errors import OutOfScope
 from lungscreen.inference.gate import feature_distances, fit_gate, refusals
 from lungscreen.inference.predict import Predictor, predict_paths
@@ -89,7 +89,7 @@ def test_training_fits_the_gate_and_predict_refuses_what_is_out_of_scope(run, tm
 def test_force_scores_beyond_the_gate_and_says_so(run, tmp_path):
     folder, _ = run
     paths = write_out_of_scope(tmp_path / "oos")
-    noise = next(p for p in paths if p.stem == "uniform-noise")
+    noise = next(p for p in paths if kind_of(p) == "uniform-noise")
     table = predict_paths(Predictor(folder, force=True), [noise])
     assert table.loc[0, "error"] == "" and not np.isnan(table.loc[0, "COVID-19"])
     assert "beyond the OOD gate" in table.loc[0, "note"] and bool(table.loc[0, "ood"])
@@ -99,7 +99,7 @@ def test_the_screening_raises_out_of_scope(run, tmp_path):
     from lungscreen.audit.screening import screen_image
 
     folder, _ = run
-    noise = next(p for p in write_out_of_scope(tmp_path / "oos") if p.stem == "gaussian-noise")
+    noise = next(p for p in write_out_of_scope(tmp_path / "oos") if kind_of(p) == "gaussian-noise")
     with pytest.raises(OutOfScope, match="^not screened: "):
         screen_image(Predictor(folder), read_image(noise), explain=False)
 
