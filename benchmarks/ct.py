@@ -15,7 +15,12 @@ then one lever at a time on top of whichever of the two scored better on validat
 5. ``+cxr``: a first stage trains the network on the shared chest X-ray pool (binary COVID-19, without
    pre-processing), the CT stages go on from it;
 
-and, when more than one lever beat its start on validation, those levers together. The row with the best
+and, when more than one lever beat its start on validation, those levers together.
+
+``--robust``: the site-robust levers that need no second source (issue 26) on the two shipped CT recipes as
+they are (``light-ct-cpu``: body crop and the searched rates; ``ct-resnet-cpu``: SimCLR then fine-tuning):
+``shipped``, ``+acquisition`` (``data.augment: acquisition`` instead of paper 002's set) and ``+spectral``
+(``loss.spectral_decoupling: 0.01``), three seeds each; under ``site_robust`` in the JSON. The row with the best
 validation accuracy (AUC on a tie) is marked ``chosen_on_validation``: the recipe to ship.
 
 Every row: accuracy, AUC, COVID-19 sensitivity, specificity and F1 on the UCSD test split with 95 %
@@ -197,6 +202,36 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     return out
 
 
+#: The site-robust levers of ``--robust`` as overrides of a shipped CT recipe (its last stage trains on labels).
+ROBUST = {"shipped": [], "+acquisition": ["data.augment=acquisition"],
+          "+spectral": ["stages.-1.loss.spectral_decoupling=0.01"]}
+
+
+def robust_rows(recipe_name: str, manifest: Path, overrides: list[str], cache: Path, seeds: list[int]) -> dict:
+    """The shipped CT recipe with each site-robust lever, over ``seeds``: per row the runs and their mean."""
+    import numpy as np
+
+    from lungscreen.training.config import load_config, to_raw
+
+    rows = {}
+    for name, changes in ROBUST.items():
+        raw = to_raw(load_config(recipe_name, overrides))
+        last = len(raw["stages"]) - 1
+        raw = to_raw(load_config(recipe_name, [*overrides, *(c.replace("stages.-1.", f"stages.{last}.")
+                                                              for c in changes)]))
+        runs = []
+        for seed in seeds:
+            folder, seconds = run(f"robust-{recipe_name}{name.replace('+', '-')}-seed{seed}", {**raw, "seed": seed},
+                                  cache)
+            runs.append(row(f"{name} seed {seed}", folder, seconds, manifest))
+            print(f"{recipe_name} {name} seed {seed}: validation {runs[-1]['validation']}", flush=True)
+        mean = {key: float(np.mean([r["validation"][key] or 0 for r in runs])) for key in ("accuracy", "auc/COVID-19")}
+        rows[name] = {"runs": runs, "validation_mean": mean,
+                      "test_mean": {key: float(np.mean([r["ucsd_test"][key]["value"] for r in runs]))
+                                    for key in ("accuracy", "auc/COVID-19")}}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=HERE / "cache" / "shared-manifest.parquet")
@@ -208,6 +243,8 @@ def main() -> None:
                         help="do not run the levers that beat the start together (said in the JSON)")
     parser.add_argument("--seeds", default="", help="other seeds for the scratch and the chosen row, e.g. 1,2 "
                         "(each one more look at the test split)")
+    parser.add_argument("--robust", default="", help="shipped CT recipes to run the site-robust levers on "
+                        "(light-ct-cpu,ct-resnet-cpu), with --seeds (default 0,1,2)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache" / "ct")
     parser.add_argument("--out", type=Path, default=TARGET)
     args = parser.parse_args()
@@ -215,11 +252,14 @@ def main() -> None:
     search = study_summary(args.study) if args.study else None
     study = search["best_params"] if search else None
     seeds = [int(seed) for seed in args.seeds.split(",") if seed]
-    results: dict[str, Any] = {"manifest": str(args.manifest), "machine": {"cpus": os.cpu_count()},
+    results: dict[str, Any] = {"manifest": shown(args.manifest.resolve()), "machine": {"cpus": os.cpu_count()},
                                "targets": {"accuracy": 0.83, "auc/COVID-19": 0.90, "minutes": 30}}
     if search:
         results["tune"] = search
     write(results, args.out)
+    for name in [r for r in args.robust.split(",") if r]:
+        write({"site_robust": {name: robust_rows(name, args.manifest, overrides, args.cache, seeds or [0, 1, 2])}},
+              args.out)
     for backbone in [name for name in args.only.split(",") if name not in ("", "none")]:
         rows = rows_for(backbone, args.manifest, overrides, args.cache, study, args.cxr_epochs, args.combine, seeds)
         write({backbone: rows, "overrides": {backbone: args.overrides}, "combined": {backbone: args.combine}},
@@ -231,7 +271,7 @@ def write(updates: dict[str, Any], out: Path) -> None:
     """Merge ``updates`` into the JSON as it is on disk now (another invocation may have written other rows)."""
     results = json.loads(out.read_text()) if out.exists() else {}
     for key, value in updates.items():
-        results[key] = {**results.get(key, {}), **value} if key in ("overrides", "combined") else value
+        results[key] = {**results.get(key, {}), **value} if key in ("overrides", "combined", "site_robust") else value
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -164,10 +164,22 @@ class SiteAdversaryObjective(Objective):
         return blocks[torch.arange(len(logits)), batch["label"].long()]
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
-        targets = self.site_targets(batch).to(outputs["site"].device)
-        site = nn.functional.cross_entropy(self.site_logits(outputs["site"], batch), targets, ignore_index=-1) \
-            if (targets >= 0).any() else outputs["site"].sum() * 0.0
-        return self.classifier.loss(outputs["output"], batch) + site
+        return self.classifier.loss(outputs["output"], batch) + self.site_loss(outputs["site"], batch)
+
+    def site_loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """Cross-entropy of the source within each image's class, every (class, source) cell of the batch
+        weighted alike: a head that only names each class's most common source earns nothing, so it must
+        find what tells the sources apart, and the encoder learns to hide exactly that."""
+        targets = self.site_targets(batch).to(logits.device)
+        known = targets >= 0
+        if not known.any():
+            return logits.sum() * 0.0
+        losses = nn.functional.cross_entropy(self.site_logits(logits, batch)[known], targets[known], reduction="none")
+        classes = batch["label"].to(logits.device)[known] if self.class_conditional else torch.zeros_like(targets[known])
+        cells = classes * self.count + targets[known]
+        _, inverse, counts = torch.unique(cells, return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse].float()
+        return (losses * weights).sum() / weights.sum()
 
     def validation_loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         return self.classifier.validation_loss(outputs["output"], batch)
