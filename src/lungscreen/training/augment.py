@@ -69,6 +69,12 @@ def lungs_augment() -> v2.Transform:
     ])
 
 
+def log_uniform(bounds: tuple[float, float]) -> float:
+    """A draw from ``bounds`` uniform on a log scale, from torch's generator (seeded per item by the data set)."""
+    low, high = torch.log(torch.tensor(bounds, dtype=torch.float64))
+    return float(torch.exp(low + (high - low) * torch.rand(()).double()))
+
+
 class RandomGamma(v2.Transform):
     """Gamma ``x ** g`` with ``g`` drawn log-uniformly from ``gamma`` (a detector's and a monitor's response
     curve; torchvision has the kernel, not the random transform). Images only: masks and boxes pass."""
@@ -78,8 +84,7 @@ class RandomGamma(v2.Transform):
         self.gamma = gamma
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        low, high = torch.log(torch.tensor(self.gamma, dtype=torch.float64))
-        return {"gamma": float(torch.exp(low + (high - low) * torch.rand(()).double()))}
+        return {"gamma": log_uniform(self.gamma)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image):
@@ -97,8 +102,7 @@ class PoissonNoise(v2.Transform):
         self.photons = photons
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        low, high = torch.log(torch.tensor(self.photons, dtype=torch.float64))
-        return {"photons": float(torch.exp(low + (high - low) * torch.rand(()).double()))}
+        return {"photons": log_uniform(self.photons)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image):
