@@ -42,6 +42,16 @@ def test_overrides_use_dotted_keys_and_star():
     assert config.stages[0].optimizer.lr == pytest.approx(1e-4)  # YAML's 1e-4 is text; the schema reads a number
 
 
+def test_a_stage_named_for_its_size_is_renamed_when_an_override_resizes_it():
+    """`--set stages.0.image_size=64` on covid-resnet-cpu ran a stage named all-256 at 64 px."""
+    assert [(s.name, s.image_size) for s in load_config("covid-resnet-cpu", ["stages.0.image_size=64"]).stages] == \
+        [("all-64", 64)]
+    assert load_config("covid-resnet-cpu", ["stages.0.image_size=64", "stages.0.name=quick"]).stages[0].name == "quick"
+    assert load_config("covid-resnet-cpu", ["stages.0.epochs=1"]).stages[0].name == "all-256"
+    resized = load_config("covid-resnet", ["stages.*.image_size=64"]).stages
+    assert [s.name for s in resized] == ["head-64", "all-64", "head-64-2", "all-64-2", "all-64-3"]
+
+
 def test_defaults_merge_into_stages_and_stage_values_win():
     config = from_dict(tiny_recipe("m.parquet"))
     assert config.stages[0].optimizer.lr == pytest.approx(3e-3)

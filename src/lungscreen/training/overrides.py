@@ -3,9 +3,15 @@
 Overrides edit the raw YAML data (nested dicts and lists), not the validated config, so every value goes
 through the same schema and checks as one written in the recipe file.
 
+A stage whose name ends in its image size (``all-256``) is renamed when an override changes that size
+(``stages.0.image_size=64`` runs ``all-64``), so the run folder, its log and its summary never say 256 px
+for a stage that ran at 64; a name the overrides set themselves is kept.
+
 Example:
     >>> apply_overrides({"stages": [{"epochs": 1}, {"epochs": 2}]}, ["stages.*.epochs=4"])
     {'stages': [{'epochs': 4}, {'epochs': 4}]}
+    >>> apply_overrides({"stages": [{"name": "all-256", "image_size": 256}]}, ["stages.0.image_size=64"])
+    {'stages': [{'name': 'all-64', 'image_size': 64}]}
 """
 
 from __future__ import annotations
@@ -31,13 +37,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     Raises:
         ConfigError: an item without ``=``, a value that is not valid YAML, or a key that does not fit the data.
     """
+    before = raw
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
         set_key(raw, key.strip(), parse_value(key.strip(), text))
+    rename_resized_stages(before, raw)
     return raw
+
+
+#: A stage name that ends in a size: ``all-256``, ``head_128``, ``stage224``.
+_SIZED_NAME = re.compile(r"(?P<stem>.*?)(?P<size>\d+)")
+
+
+def rename_resized_stages(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """In ``after``, rename each stage whose name ends in the image size it had in ``before`` and whose size
+    the overrides changed (its name left as it was): ``all-256`` at 64 px becomes ``all-64``."""
+    old_stages, new_stages = before.get("stages"), after.get("stages")
+    if not isinstance(old_stages, list) or not isinstance(new_stages, list):
+        return
+    taken = {str(stage.get("name")) for stage in new_stages if isinstance(stage, dict)}
+    for old, new in zip(old_stages, new_stages):
+        if not isinstance(old, dict) or not isinstance(new, dict) or new.get("name") != old.get("name"):
+            continue
+        found = _SIZED_NAME.fullmatch(str(old.get("name", "")))
+        size = new.get("image_size")
+        if found and str(old.get("image_size")) == found["size"] and size != old.get("image_size"):
+            name, count = f"{found['stem']}{size}", 1
+            while name in taken:  # several stages brought to one size: head-64, all-64, head-64-2, ...
+                count += 1
+                name = f"{found['stem']}{size}-{count}"
+            taken.add(name)
+            new["name"] = name
 
 
 def parse_value(key: str, text: str) -> Any:
