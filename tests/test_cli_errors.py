@@ -327,6 +327,39 @@ def test_predict_into_a_missing_folder_needs_mkdir(cli, data, tmp_path):
     assert cli("predict", data["run"], data["images"][0], "--out", target, "--mkdir").code == 0 and target.is_file()
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write into, root included (``chattr +i`` for root, who ignores permissions)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    root = os.geteuid() == 0
+    if root and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: no folder is read-only here")
+    if not root:
+        folder.chmod(0o555)
+    yield folder
+    if root:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+def test_writing_into_a_read_only_folder_names_the_target_not_the_temporary_file(cli, data, read_only_folder):
+    target = read_only_folder / "p.csv"
+    result = cli("predict", data["run"], data["images"][0], "--out", target)
+    expect(result, BAD_INPUT, str(target))
+    assert ".p.csv." not in result.err and ".tmp" not in result.err, result.err
+
+
+def test_export_names_its_own_option_for_a_missing_folder(cli, data, tmp_path):
+    result = cli("export", data["run"], "--onnx", tmp_path / "missing" / "model.onnx")
+    expect(result, BAD_INPUT, "--onnx", "missing")
+    assert "--out" not in result.err
+
+
 def test_predict_into_an_unknown_format(cli, data, tmp_path):
     expect(cli("predict", data["run"], data["images"][0], "--out", tmp_path / "p.txt"), BAD_INPUT, "--out")
 

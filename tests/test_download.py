@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lungscreen.data.download import CATALOGUE, download, parse_url_overrides
-from lungscreen.errors import ConfigError, SourceError
+from lungscreen.errors import ConfigError, LungscreenError, SourceError
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -233,9 +233,21 @@ def test_download_command_lists_clones_and_reports(tmp_path, cohen_remote, monke
     assert "downloaded" in fetched.output and (tmp_path / "data" / "cohen-covid-chestxray" / "metadata.csv").is_file()
     failed = runner.invoke(app, ["download", "figure1", "--to", str(tmp_path / "data"),
                                  "--url", f"figure1={(tmp_path / 'nothing').as_uri()}"])
-    assert failed.exit_code == 1 and "failed" in failed.output
+    assert "failed" in failed.output and isinstance(failed.exception, LungscreenError)  # the boundary: exit 2
+    assert "1 of 1 source(s) not downloaded (figure1)" in str(failed.exception)
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     manual = runner.invoke(app, ["download", "rsna", "--to", str(tmp_path / "data")])
     assert manual.exit_code == 0 and "pip install kaggle" in manual.output
     assert runner.invoke(app, ["download", "--to", str(tmp_path)]).exit_code != 0, "no name, no --list"
     assert os.listdir(tmp_path / "data") == ["cohen-covid-chestxray"]
+
+
+def test_download_without_network_is_one_line_and_exit_2(cli, tmp_path):
+    """An unreachable remote (no network here, or a mirror that is gone) is bad input, never "a bug"."""
+    code, out, err = cli("data", "download", "cohen", "--to", tmp_path / "data", "--url",
+                         f"cohen={(tmp_path / 'unreachable').as_uri()}")
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: 1 of 1 source(s) not downloaded (cohen)")
+    assert "--url NAME=URL" in lines[0] and "bug" not in err
+    assert "failed" in out and not (tmp_path / "data" / "cohen-covid-chestxray").exists()

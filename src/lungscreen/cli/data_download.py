@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from lungscreen.cli.output import stdout_console
+from lungscreen.errors import LungscreenError
 
 out = stdout_console()
 
@@ -37,7 +38,8 @@ def download_command(
 
     A download is written to a hidden folder beside its target and renamed into place only when complete,
     so a failure never leaves a half-written source. A folder that is already there is left alone unless
-    --force. Then run `lungscreen data build DIR --out manifest`.
+    --force. A source that cannot be fetched (no network) ends the command with one line and exit code 2.
+    Then run `lungscreen data build DIR --out manifest`.
 
     Example: lungscreen data download cohen figure1 actualmed --to data
     """
@@ -63,10 +65,14 @@ def download_command(
     for result in results:
         style = _STATUS_STYLE[result.status]
         out.print(f"[{style}]{result.status:<10}[/] {result.name:<12} {escape(str(result.path))}")
-        if result.status in ("manual", "failed"):
+        if result.status == "manual":
             out.print(f"           {escape(result.message)}", soft_wrap=True)
-    if any(not result.ok for result in results):
-        raise typer.Exit(1)
+    failed = [result for result in results if not result.ok]
+    if failed:
+        raise LungscreenError(f"{len(failed)} of {len(results)} source(s) not downloaded "
+                            f"({', '.join(result.name for result in failed)}): {failed[0].message}; check the "
+                            "network, or clone from a mirror with --url NAME=URL")
+
 
 
 def _print_catalogue() -> None:

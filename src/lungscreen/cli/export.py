@@ -31,7 +31,7 @@ def export(
     from lungscreen.cli.output import ensure_folder
     from lungscreen.inference.export import export_run
 
-    ensure_folder(onnx, mkdir)
+    ensure_folder(onnx, mkdir, "--onnx")
     done = export_run(run, onnx, calibration=int8, calibration_images=calibration_images)
     out.print(f"wrote {escape(str(done.model))} (largest difference from PyTorch {done.max_difference:.1e})")
     for extra, what in ((done.lungs, "the lung U-Net"), (done.int8, "int8 classifier")):

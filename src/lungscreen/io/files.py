@@ -21,7 +21,8 @@ from lungscreen.io.images import IMAGE_SUFFIXES
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
-    A crash or an exception never leaves a half-written output: either the old file or the new one.
+    A crash or an exception never leaves a half-written output: either the old file or the new one. An
+    error of the file system (a read-only folder, a full disk) names ``target``, never the temporary file.
 
     Example:
         >>> with atomic_path("out.csv") as tmp:        # doctest: +SKIP
@@ -29,15 +30,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise _about(error, target) from None
     os.close(handle)
     temporary = Path(name)
     os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield temporary
         os.replace(temporary, target)
+    except OSError as error:
+        if str(temporary) not in (error.filename, error.filename2):
+            raise
+        raise _about(error, target) from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _about(error: OSError, target: Path) -> OSError:
+    """The same error about ``target``: the hidden temporary file beside it is ours, not the user's."""
+    return type(error)(error.errno, error.strerror or str(error), str(target))
 
 
 def _umask() -> int:
