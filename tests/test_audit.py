@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from browser import render, unavailable
@@ -74,6 +75,22 @@ def audited(run: Path, manifest: Path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LUNGSCREEN_LUNG_MODEL", str(run / "no-lung-model.pt"))
         return audit(predictor, evaluation_rows(predictor, load_manifest(manifest), "test"), max_images=120, seed=0)
+
+
+def test_a_check_that_could_not_be_judged_is_never_a_clean_bill():
+    """No check fired, but the probe had one source and the model no skill: amber, not green (the demo's
+    model once learned nothing and its page said "OK - no shortcut found")."""
+    from lungscreen.audit.bias import AuditResult, Thresholds, judge
+
+    masking = {"testable": False, "skill": 0.02, "lungs hidden": {}, "lungs only": {}, "original": {}}
+    result = AuditResult(None, ["normal", "COVID-19"], np.zeros((1, 2)),
+                         [{"label": "COVID-19", "sources": {"radiography": 40}, "testable": False}],
+                         pd.DataFrame({"source": ["radiography"], "truth": ["COVID-19"], "ratio": [1.4]}), masking,
+                         Thresholds(), focus="COVID-19")
+    judge(result)
+    assert not result.flagged and result.verdict == "not enough skill to judge"
+    assert [line.split(" ")[0:2] for line in result.unjudged] == [["source", "probe"], ["lung", "attention"],
+                                                                   ["masking", "test"]]
 
 
 def test_a_planted_corner_marker_is_flagged(shortcut):
@@ -172,6 +189,7 @@ def test_evaluate_and_audit_commands(clean, tmp_path, capsys, monkeypatch):
     assert cli("evaluate", run, "--on", manifest, "--out", tmp_path / "e", "--resamples", "100") == 0
     assert {"metrics.json", "predictions.csv", "report.html"} <= {p.name for p in (tmp_path / "e").iterdir()}
     assert cli("audit", run, "--on", manifest, "--out", tmp_path / "a", "--max-images", "40") == 0
-    assert json.loads((tmp_path / "a" / "audit.json").read_text())["verdict"] in ("no shortcut found", "shortcut suspected")
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["verdict"] in (
+        "no shortcut found", "shortcut suspected", "not enough skill to judge")
     assert cli("evaluate", run, "--on", manifest, "--split", "train", "--out", tmp_path / "t") == 2
     assert "training set" in capsys.readouterr().err  # its own training patients are refused

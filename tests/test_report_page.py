@@ -153,3 +153,44 @@ def test_browser_check_catches_a_page_that_fetches_or_runs_script(tmp_path):
     for expected in ("request beyond file:/data: http://example.invalid/x.png", "script element",
                      "console error: boom", "picture did not load: 'remote'", "text not shown: 'absent words'"):
         assert expected in problems
+
+
+def test_a_wide_per_source_table_never_breaks_a_source_name_inside_a_word(tmp_path):
+    """The evaluation report's per-source table (ten columns, intervals in six) on a laptop-wide window: each
+    source name stays whole on one line, and the class list wraps between words only (the cells used to break
+    anywhere, even mid-word)."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    from browser import CHROMIUM_ARGS, chromium_path
+
+    estimate = {"value": 0.912, "low": 0.870, "high": 0.950}
+    names = ["covid19-radiography", "nih-chestxray14", "figure1", "cohen"]
+    frame = pd.DataFrame([{"source": name, "images": 120, "patients": 80, "classes": "normal, pneumonia, COVID-19",
+                           **{figure: estimate for figure in ("balanced_accuracy", "sensitivity/COVID-19",
+                                                               "specificity/COVID-19", "auc/COVID-19", "accuracy",
+                                                               "macro_auc")}} for name in names]).set_index("source")
+    page = Page("Evaluation")
+    page.section("Per source")
+    page.table(frame, caption="Each source on its own")
+    written = page.write(tmp_path / "report.html")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            view = browser.new_page(viewport={"width": 1280, "height": 900})
+            view.goto(written.resolve().as_uri())
+            lines = view.evaluate("""() => Array.from(document.querySelectorAll('tbody th, tbody td')).map(cell => {
+                const range = document.createRange();
+                range.selectNodeContents(cell.firstChild);
+                const tops = new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top)));
+                return [cell.firstChild.textContent, tops.size];
+            })""")
+        finally:
+            browser.close()
+    for text, count in lines:
+        if text in names:
+            assert count == 1, f"{text!r} is broken over {count} lines"
+        if text.startswith("normal"):
+            assert count <= 3, f"{text!r} is broken inside a word ({count} lines for 3 words)"

@@ -100,14 +100,26 @@ class AuditResult:
     focus: str | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unjudged: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> bool:
+        """A check fired: a shortcut is suspected."""
         return bool(self.warnings)
 
+    @property
+    def verdict(self) -> str:
+        """``shortcut suspected`` (a check fired), ``not enough skill to judge`` (none fired, but one or more
+        could not be judged: a model without skill, or data that cannot test it) or ``no shortcut found``
+        (every check judged, none fired). Never the last while a check is missing."""
+        if self.warnings:
+            return "shortcut suspected"
+        return "not enough skill to judge" if self.unjudged else "no shortcut found"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"verdict": "shortcut suspected" if self.flagged else "no shortcut found",
-                "warnings": self.warnings, "notes": self.notes, "thresholds": self.thresholds.__dict__,
+        return {"verdict": self.verdict,
+                "warnings": self.warnings, "notes": self.notes, "unjudged": self.unjudged,
+                "thresholds": self.thresholds.__dict__,
                 "images": int(len(self.data.table)), "lung_masks": self.data.lung_method,
                 "source_probe": self.probe, "attention": _attention_summary(self.attention),
                 "masking": self.masking}
@@ -324,14 +336,16 @@ def judge(result: AuditResult) -> None:
                 f"{entry['accuracy']['value']:.2f} [{low:.2f}, {entry['accuracy']['high']:.2f}] against chance "
                 f"{entry['chance']:.2f} (fires at +{limits.probe_margin:.2f} with the interval above chance)")
     if not any(entry.get("testable") for entry in result.probe):
-        result.notes.append("source probe not testable: no label holds images of two sources (five or more each)")
+        result.unjudged.append("source probe not testable: no label holds images of two sources (five or more each)")
     attention = result.attention
     if result.focus is not None and (attention["truth"] == result.focus).any():
         attention = attention[attention["truth"] == result.focus]
     ratios = attention["ratio"].dropna()
-    if len(ratios) and not result.masking["testable"]:
-        result.notes.append("lung attention not judged: a model without skill draws maps of noise")
-    elif len(ratios):
+    if not len(ratios):
+        result.unjudged.append("lung attention not judged: no image with lungs found to measure it on")
+    elif not result.masking["testable"]:
+        result.unjudged.append("lung attention not judged: a model without skill draws maps of noise")
+    else:
         median = float(ratios.median())
         if median < limits.attention_ratio:
             result.warnings.append(f"lung attention: median ratio {median:.2f} on {result.focus or 'all'} images "
@@ -339,8 +353,8 @@ def judge(result: AuditResult) -> None:
                                    "on the lungs)")
     masking = result.masking
     if not masking["testable"]:
-        result.notes.append(f"masking test not judged: the model's macro AUC is only {masking['skill']:.2f} "
-                            f"above chance (needs {limits.min_skill:.2f})")
+        result.unjudged.append(f"masking test not judged: the model's macro AUC is only {masking['skill']:.2f} "
+                               f"above chance (needs {limits.min_skill:.2f})")
     elif masking["lungs hidden"]["retained_skill"] >= limits.retained_skill:
         result.warnings.append(
             f"masking: with the lungs hidden the model keeps {masking['lungs hidden']['retained_skill']:.0%} of its "
@@ -393,16 +407,21 @@ def audit_page(result: AuditResult, run: str):  # noqa: ANN201 - lungscreen.audi
                          f"{result.data.lung_method}")
     if result.flagged:
         page.verdict("fail", "Shortcut suspected: the model may read something other than the lungs",
-                     result.warnings + result.notes)
+                     result.warnings + result.unjudged + result.notes)
+    elif result.unjudged:
+        page.verdict("warning", "Not enough skill to judge: no check fired, but not every check could be made, "
+                     "so this is not a clean bill", result.unjudged + result.notes)
     else:
         page.verdict("ok", "No shortcut found by these four checks", result.notes or
-                     ["source probe, lung attention and masking all below their thresholds"])
+                     ["source probe, lung attention and masking all judged, all below their thresholds"])
     page.section("How the verdict is reached")
     page.paragraph(f"Source probe fires at +{limits.probe_margin:.2f} accuracy over within-label chance with the "
-                   f"interval above chance; lung attention fires when the median ratio of the "
-                   f"{result.focus or 'images'}' maps is below {limits.attention_ratio:.1f} (1 = a map spread evenly); "
+                   f"interval above chance; lung attention fires when the median ratio of the maps of "
+                   f"{f'the {result.focus} images' if result.focus else 'all images'} is below "
+                   f"{limits.attention_ratio:.1f} (1 = a map spread evenly); "
                    f"masking fires when the model keeps {limits.retained_skill:.0%} of its skill (macro AUC above "
-                   f"0.5) with the lungs hidden, if it has at least {limits.min_skill:.2f} to begin with.")
+                   f"0.5) with the lungs hidden, if it has at least {limits.min_skill:.2f} to begin with. A check that "
+                   "cannot be judged (too little skill, a single source) leaves the verdict amber, never green.")
     page.section("(a) The embedding by source and by label (t-SNE)")
     page.figure(scatter_figure(result.embedding, table["source"].astype(str).tolist(), "coloured by source"))
     page.figure(scatter_figure(result.embedding, table["truth"].astype(str).tolist(), "coloured by label"))

@@ -81,9 +81,11 @@ table { border-collapse: collapse; font-size: .9rem; }
 caption { caption-side: top; text-align: left; padding-bottom: .35rem; }
 th, td { padding: .3rem .65rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
 thead th { border-bottom: 2px solid #8c959f; white-space: nowrap; }
-tbody th { font-weight: 600; overflow-wrap: anywhere; }
-td { overflow-wrap: anywhere; }
-.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; overflow-wrap: normal; }
+tbody th { font-weight: 600; white-space: nowrap; }
+td { overflow-wrap: break-word; }
+.num { text-align: right; font-variant-numeric: tabular-nums; overflow-wrap: normal; }
+.num, .ci { white-space: nowrap; }
+td.num:has(.ci) { white-space: normal; }
 tbody tr:nth-child(even) { background: var(--stripe); }
 tbody tr.marked, tbody td.marked { background: var(--mark); }
 .ci { color: var(--muted); font-size: .88em; }

@@ -100,7 +100,9 @@ def audit(
     Four checks on held-out images: a t-SNE of the model's features by source and label; a probe that
     predicts the source from the features within each label; the share of the raw Grad-CAM mass inside
     the lungs; and a masking test (lungs only, lungs hidden). The verdict names each warning that fired,
-    with its number and threshold. Exit code 0 either way: a flagged model is a finding, not an error.
+    with its number and threshold: red (shortcut suspected), amber (not enough skill to judge: a check could
+    not be made, never a clean bill) or green (every check judged, none fired). Exit code 0 in every case: a
+    flagged model is a finding, not an error.
     """
     from lungscreen.audit.bias import audit as run_audit, write_audit
     from lungscreen.audit.cams import check_method
@@ -118,10 +120,13 @@ def audit(
         result = run_audit(predictor, rows, max_images=max_images, method=method, seed=seed,
                            progress=lambda done: bar.update(job, completed=done))
     paths = write_audit(result, out_dir, str(predictor.checkpoint.path))
-    if result.flagged:
-        err.print("[bold yellow]shortcut suspected:[/]")
-        for warning in result.warnings:
-            err.print(f"  - {escape(warning)}")
-    else:
-        err.print("[green]no shortcut found[/] by the four checks")
+    print_verdict(err, result)
     err.print(f"audit -> {escape(str(paths['html']))}")
+
+
+def print_verdict(console: Console, result) -> None:  # noqa: ANN001 - an AuditResult
+    """The audit's verdict in the page's colours: red (a check fired), amber (a check could not be judged), green."""
+    colour = {"shortcut suspected": "bold red", "not enough skill to judge": "bold yellow"}.get(result.verdict, "green")
+    console.print(f"[{colour}]{result.verdict}[/]" + ("" if result.flagged or result.unjudged else " by the four checks"))
+    for line in result.warnings + result.unjudged:
+        console.print(f"  - {escape(line)}")
