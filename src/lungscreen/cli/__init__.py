@@ -25,12 +25,29 @@ console = Console(stderr=True)
 _registered = False
 
 
+def _flags_show_no_value() -> None:
+    """Typer's help prints a flag's Python type (``--quick <bool>``, ``--help <bool>``) as if the flag took a
+    value; a flag takes none, so its help shows none (the options that take values keep theirs)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_show_no_value", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx):  # noqa: ANN001, ANN202 - Typer's own signature
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    display_type_rich.flags_show_no_value = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
 def _register() -> None:
     """Attach every command group (imported here so each module stays independent); once per process."""
     global _registered
     if _registered:
         return
     _registered = True
+    _flags_show_no_value()
     from lungscreen.cli import data, demo, models  # noqa: F401
 
     app.add_typer(data.app, name="data")

@@ -36,7 +36,28 @@ def build(
 
     Every image is decoded once: unreadable files are reported (OUT.skips.csv) and left out. Near-duplicates
     (within and across sources) and images of one patient always land in the same split; a leakage guard
-    refuses the manifest otherwise.
+    refuses the manifest otherwise. `lungscreen data sources` lists the layouts it reads.
+
+    **Your own images** follow no public layout: list them in a CSV instead, one row per image, with the
+    columns image_path (relative to the CSV's folder, or absolute; PNG, JPEG or DICOM), label (normal,
+    bacterial, viral, fungal, pneumonia, COVID-19, other or unknown), patient_id, source (your hospital's
+    name) and split (train, val or test for every row, or empty for all: a split is then made). View,
+    modality, fine_label, mask_path and mask_convention may be added. `lungscreen data import CSV --out M`
+    checks it row by row and writes the manifest as this command does; `lungscreen data validate M.parquet`
+    checks it again later.
+
+    ```
+    image_path,label,patient_id,source,split
+    images/0001.png,normal,P0001,stmarys,train
+    images/0002.dcm,COVID-19,P0002,stmarys,test
+    ```
+
+    **Examples**
+
+    ```
+    lungscreen data build data/ --out data/manifest
+    lungscreen data build data/ --out data/manifest --ratios 0.8,0.1,0.1 --seed 1
+    ```
     """
     from lungscreen.data.build import build_manifest
     from lungscreen.data.composition import flat_composition
@@ -71,6 +92,51 @@ def build(
     out.print(f"wrote {parquet} and {csv.name}")
 
 
+@app.command("import")
+def import_command(
+    csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False,
+                                    help="Your CSV: image_path, label, patient_id, source, split (see `data build "
+                                         "--help`); paths relative to the CSV's folder."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Manifest to write: OUT.parquet and OUT.csv."),
+    ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test shares when the CSV gives no split."),
+    seed: int = typer.Option(0, help="Seed of the split when the CSV gives none."),
+    workers: int = typer.Option(2, min=1, help="Processes decoding images."),
+    mkdir: bool = typer.Option(False, "--mkdir", help="Create the folder of --out if it does not exist."),
+) -> None:
+    """Make a manifest of your own images from a hand-written CSV, checked row by row.
+
+    Every problem is named by its line and column (an unknown label, a missing file, an empty patient, a
+    split given for some rows only); every image is decoded once; near-duplicates are grouped, and a patient
+    or a near-duplicate in two splits is refused. Without a split column (or with it empty) the split is made
+    as `data build` makes it. The manifest then trains, evaluates and audits like any other.
+
+    **Examples**
+
+    ```
+    lungscreen data import my_hospital.csv --out my_hospital
+    lungscreen evaluate runs/RUN --on my_hospital.parquet --split all --out eval
+    ```
+    """
+    from lungscreen.data.csv_import import import_csv
+    from lungscreen.data.manifest import save_manifest
+    from lungscreen.data.splits import parse_ratios
+    from lungscreen.errors import ConfigError, ManifestError
+
+    try:
+        split_ratios = parse_ratios(ratios)
+    except ManifestError as error:
+        raise ConfigError(f"--ratios: {error}") from None
+    ensure_folder(out_path, mkdir)
+    result = import_csv(csv_path, ratios=split_ratios, seed=seed, workers=workers)
+    parquet, csv = save_manifest(result.manifest, out_path)
+    print_composition(result.manifest)
+    frame = result.manifest
+    groups = frame["dup_group"].replace("", pd.NA).dropna()
+    out.print(f"{len(frame)} images, {frame['patient_id'].nunique()} patients, {groups.nunique()} near-duplicate "
+              f"groups ({len(groups)} images); split {'made (seed ' + str(seed) + ')' if result.split_made else 'as given'}")
+    out.print(f"wrote {parquet} and {csv.name}")
+
+
 @app.command()
 def sources() -> None:
     """List the dataset layouts lungscreen reads (what `data build` detects in a folder)."""
@@ -89,7 +155,15 @@ def sources() -> None:
 @app.command()
 def validate(manifest: Path = typer.Argument(..., help="Manifest (.parquet or .csv).")) -> None:
     """Check a manifest's schema, that every image and mask it lists exists, and that no patient or
-    near-duplicate sits in two splits."""
+    near-duplicate sits in two splits.
+
+    **Examples**
+
+    ```
+    lungscreen data validate data/manifest.parquet
+    lungscreen data validate my_hospital.csv
+    ```
+    """
     from lungscreen.data.manifest import check_files, load_manifest
     from lungscreen.data.splits import check_leakage
 

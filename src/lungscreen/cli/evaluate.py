@@ -47,6 +47,14 @@ def evaluate(
     run's own training patients are refused. With --cross RECIPE --manifest M, trains one run per
     left-out source and writes the train-source x test-source matrix (balanced accuracy, DOR, AUC, and
     the transferred threshold's sensitivity and specificity on the left-out source).
+
+    **Examples**
+
+    ```
+    lungscreen evaluate runs/covid-resnet-cpu --on M.parquet --out evaluation
+    lungscreen evaluate runs/covid-resnet-cpu --on hospital_b.csv --split all --out eval-b
+    lungscreen evaluate --cross covid-resnet-cpu --manifest M.parquet --out cross
+    ```
     """
     from lungscreen.cli.output import ensure_folder
     from lungscreen.errors import ConfigError
@@ -103,6 +111,13 @@ def audit(
     with its number and threshold: red (shortcut suspected), amber (not enough skill to judge: a check could
     not be made, never a clean bill) or green (every check judged, none fired). Exit code 0 in every case: a
     flagged model is a finding, not an error.
+
+    **Examples**
+
+    ```
+    lungscreen audit runs/covid-resnet-cpu --on M.parquet --out audit
+    lungscreen audit runs/covid-resnet-cpu --on M.parquet --out audit --max-images 150
+    ```
     """
     from lungscreen.audit.bias import audit as run_audit, write_audit
     from lungscreen.audit.cams import check_method

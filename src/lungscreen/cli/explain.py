@@ -34,6 +34,13 @@ def explain(
     lung attention ratio (1 = no preference for the lungs, above 1 = on the lungs) and the ROAD
     faithfulness (above 0 = the map's pixels carry the answer, about 0 = it explains nothing). An image
     that cannot be read gets its reason in `error` and the rest go on.
+
+    **Examples**
+
+    ```
+    lungscreen explain runs/covid-resnet-cpu chest.png --out heatmaps
+    lungscreen explain runs/covid-resnet-cpu images/ --out maps --method eigencam
+    ```
     """
     from lungscreen.audit.cams import check_method
     from lungscreen.audit.explain import explain_images, load_predictor, target_index

@@ -27,6 +27,13 @@ def export(
     run's own preprocessing, lung segmentation included (the U-Net from NAME.lungs.onnx, pinned by its
     SHA-256). Each file is checked against PyTorch before it is written (largest output difference on random
     inputs <= 1e-4). Multi-task runs do not export (their heads run per image behind the findings filter).
+
+    **Examples**
+
+    ```
+    lungscreen export runs/covid-resnet-cpu --onnx covid.onnx
+    lungscreen export runs/covid-resnet-cpu --onnx covid.onnx --int8 val_images/
+    ```
     """
     from lungscreen.cli.output import ensure_folder
     from lungscreen.inference.export import export_run

@@ -41,6 +41,13 @@ def train(
     heart-excluded and behind-heart-included masks are never mixed. Training uses the manifest's train
     split, the best epoch is chosen on val (Dice), and the test split is left for `lungscreen lungs
     evaluate`. The run folder can be resumed with --resume; best.pt is then installed at --out.
+
+    **Examples**
+
+    ```
+    lungscreen lungs train M.parquet            # the default lung model
+    lungscreen lungs train M.parquet --out lungs.pt
+    ```
     """
     report = train_lung_model(manifest, out_path, config=config, run_dir=run_dir, overrides=overrides, resume=resume,
                               default_convention=default_convention)

@@ -40,6 +40,14 @@ def predict(
     of failures is printed last), 2 when none could be. A multi-task run adds `screened` (its findings head
     passed the image on to the box and mask heads), `boxes` (JSON, original pixels, with scores) and
     `mask` (the PNG files written under --masks).
+
+    **Examples**
+
+    ```
+    lungscreen predict runs/covid-resnet-cpu new_images/ --out predictions.csv
+    lungscreen predict covid.onnx study.dcm --out predictions.json
+    lungscreen predict runs/covid-resnet-cpu ct_slices/ --modality CT --force
+    ```
     """
     from lungscreen.cli.output import ensure_folder
     from lungscreen.errors import ConfigError

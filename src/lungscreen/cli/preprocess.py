@@ -37,6 +37,13 @@ def preprocess(
     Results are cached under OUT/cache, keyed by each image file (path, size, modification time) and the
     pipeline's parameters (and the lung model's hash): a second run only reads the cache, a changed
     parameter or lung model recomputes. Images that fail are listed in OUT/PIPELINE.failures.csv and left out.
+
+    **Examples**
+
+    ```
+    lungscreen preprocess M.parquet --pipeline tartaglione --out preprocessed
+    lungscreen preprocess M.parquet --pipeline lungcrop --lung-model lungs.pt --out P
+    ```
     """
     from lungscreen.data.manifest import load_manifest
     from lungscreen.errors import ConfigError

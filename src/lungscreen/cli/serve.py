@@ -35,6 +35,13 @@ def serve(
     against the run's operating point, the Grad-CAM heat-map and the lung contour beside the original
     (boxes and mask too for a MultiCheXNet run). JSON API: POST /predict (form field `file`), GET /model,
     GET /health; documented at /docs. A research tool, not a diagnostic device.
+
+    **Examples**
+
+    ```
+    lungscreen serve runs/covid-resnet-cpu      # http://127.0.0.1:8000
+    lungscreen serve covid.onnx --port 8080
+    ```
     """
     from lungscreen.errors import ConfigError
 

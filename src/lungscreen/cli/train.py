@@ -42,6 +42,15 @@ def train(
     key named. Under `torchrun --nproc_per_node N` the same command trains data-parallel (data.batch_size
     is the global batch). `--resume RUN` continues a run killed at any point and ends with the weights an
     uninterrupted run would have.
+
+    **Examples**
+
+    ```
+    lungscreen train covid-resnet-cpu --manifest data/manifest.parquet
+    lungscreen train covid-resnet-cpu --manifest M.parquet --set stages.0.epochs=2 --out runs/quick
+    lungscreen train configs/my-recipe.yaml --check   # validate only
+    lungscreen train --resume runs/quick              # after Ctrl-C
+    ```
     """
     from lungscreen.errors import ConfigError
     from lungscreen.training.engine import train as run_training
@@ -83,6 +92,13 @@ def tune(
     By default: initial learning rate, momentum and L2, as in paper 002. Run it again with the same --out
     (or --storage) to resume: it stops once the study holds --trials finished trials. Prints the trials
     table and writes trials.csv, trials.png and best.yaml (the recipe with the best parameters).
+
+    **Examples**
+
+    ```
+    lungscreen tune light-ct-cpu --manifest M.parquet --trials 30
+    lungscreen tune light-ct-cpu --manifest M.parquet --storage sqlite:///s.db
+    ```
     """
     import yaml
 
