@@ -11,6 +11,10 @@ at most 512 px). For each model and worker count: a fresh state, every instance 
 load and the scan included), which stores a report and an overlay per instance.
 
 * ``instances_per_s``: instances / the command's wall seconds;
+* the PyTorch run with 1 worker twice: torch's default threads (the 2 cores) and 1 thread (OMP_NUM_THREADS=1),
+  because on a machine other work keeps busy two threads spin against each other (measured: 6x slower
+  per image here); worker processes take cores / workers threads each;
+* ``load_average_1min``: the machine's load before and after the command (this machine is shared);
 * ``shares``: the workers' own time per phase (their ``time:`` lines): ``retrieval`` (WADO-RS and decoding),
   ``inference`` and ``grad_cam`` (the screening, split by the share Grad-CAM takes of ``screen_image`` on
   20 of the same images in this process, explained vs not), ``storage`` (making the SR and the Secondary
@@ -41,6 +45,7 @@ from cached_runs import REPOSITORY, run, shown
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache" / "pacs"
 TARGET = HERE / "results" / "pacs.json"
+KEPT_FIGURES = ("accuracy", "macro_auc", "sensitivity/COVID-19", "specificity/COVID-19")
 sys.path.insert(0, str(REPOSITORY / "tests"))  # the real-server fixtures and the DICOM maker the tests use
 
 
@@ -62,7 +67,11 @@ def test_radiographs(manifest: Path, count: int) -> list[Path]:
 
 
 def gradcam_fraction(model: Path, images: list[Path]) -> float:
-    """The share of ``screen_image``'s time that Grad-CAM takes, on these images in this process."""
+    """The share of ``screen_image``'s time that Grad-CAM takes, on these images in this process, with one
+    torch thread (as a worker of the fastest rows has), each image screened with and without it in turn (so
+    the load other work puts on the machine falls on both alike)."""
+    import torch
+
     from lungscreen.audit.explain import lung_segmenter
     from lungscreen.audit.screening import screen_image
     from lungscreen.inference.predict import Predictor
@@ -71,22 +80,28 @@ def gradcam_fraction(model: Path, images: list[Path]) -> float:
     predictor = Predictor(model)
     segmenter = lung_segmenter(predictor)
     decoded = [read_image(path) for path in images]
+    torch.set_num_threads(1)
     screen_image(predictor, decoded[0], segmenter=segmenter)  # warm-up
-    seconds = {}
-    for explain in (True, False):
-        started = time.perf_counter()
-        for image in decoded:
+    seconds = {True: 0.0, False: 0.0}
+    for image in decoded:
+        for explain in (True, False):
+            started = time.perf_counter()
             screen_image(predictor, image, segmenter=segmenter, explain=explain)
-        seconds[explain] = time.perf_counter() - started
+            seconds[explain] += time.perf_counter() - started
     return max(0.0, 1.0 - seconds[False] / seconds[True])
 
 
-def measure(server: Any, model: Path, made: list[Any], workers: int, folder: Path, grad_cam: float) -> dict[str, Any]:
+def measure(server: Any, model: Path, made: list[Any], workers: int, folder: Path, grad_cam: float,
+            threads: int | None = None) -> dict[str, Any]:
+    """One ``pacs screen`` command on a freshly filled PACS; ``threads`` sets OMP_NUM_THREADS (torch's threads
+    in the single-worker process; worker processes take cores / workers each anyway)."""
     server.wipe()
     for item in made:
         server.upload(item.data)
-    state = folder / f"state-{model.name}-{workers}.db"
-    env = {**os.environ, "LUNGSCREEN_PACS_USER": server.auth[0], "LUNGSCREEN_PACS_PASSWORD": server.auth[1]}
+    state = folder / f"state-{model.name}-{workers}-{threads}.db"
+    env = {**os.environ, "LUNGSCREEN_PACS_USER": server.auth[0], "LUNGSCREEN_PACS_PASSWORD": server.auth[1],
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "lungscreen", "pacs", "screen", server.dicomweb, "--model", str(model),
                            "--state", str(state), "--workers", str(workers)], capture_output=True, text=True, env=env,
@@ -106,7 +121,10 @@ def measure(server: Any, model: Path, made: list[Any], workers: int, folder: Pat
              "grad_cam": phases.get("screen", 0.0) * grad_cam / busy,
              "storage": (phases.get("document", 0.0) + phases.get("store", 0.0)) / busy,
              "check": phases.get("check", 0.0) / busy}
-    return {"workers": workers, "instances": len(made), "screened": screened, "wall_s": round(wall, 2),
+    torch_threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    return {"workers": workers, "torch_threads_per_worker": torch_threads, "instances": len(made),
+            "screened": screened, "wall_s": round(wall, 2), "load_average_1min": [round(load_before, 2),
+                                                                                  round(os.getloadavg()[0], 2)],
             "instances_per_s": round(len(made) / wall, 3),
             "worker_seconds": {k: round(v, 2) for k, v in phases.items()},
             "shares": {k: round(v, 3) for k, v in share.items()}}
@@ -136,11 +154,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lungscreen-pacs-bench-") as temporary:
         server = Orthanc(Path(temporary) / "orthanc").start()
         try:
-            for name, model in (("pytorch", folder), ("onnx", onnx)):
-                for workers in (1, 2):
-                    row = {"model": name, **measure(server, model, made, workers, Path(temporary), fractions[name])}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            for name, model, workers, threads in (("pytorch", folder, 1, None), ("pytorch", folder, 1, 1),
+                                                  ("pytorch", folder, 2, None), ("onnx", onnx, 1, None),
+                                                  ("onnx", onnx, 2, None)):
+                row = {"model": name, **measure(server, model, made, workers, Path(temporary), fractions[name],
+                                                threads)}
+                if name == "onnx":  # onnxruntime takes its own threads: every core, in each worker
+                    row["onnxruntime_threads_per_worker"] = os.cpu_count()
+                    del row["torch_threads_per_worker"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
         finally:
             server.stop()
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
@@ -149,8 +172,10 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
         "model": {"run": shown(folder), "onnx": shown(onnx), "recipe": "covid-resnet-cpu", "pipeline": "none",
-                  "epochs": args.epochs, "train_seconds": train_seconds,
-                  "test": {k: v for k, v in (summary.get("test") or {}).items() if k in ("images", "figures")},
+                  "epochs": args.epochs, "train_seconds": train_seconds, "reused_from_cache": train_seconds is None,
+                  "test": {"images": (summary.get("test") or {}).get("images"),
+                           "figures": {k: v for k, v in ((summary.get("test") or {}).get("figures") or {}).items()
+                                       if k in KEPT_FIGURES}},
                   "note": "a short training of the shipped recipe on the shared manifest, for timing: its accuracy "
                           "is not the point"},
         "pacs": "Orthanc 1.10 + DICOMweb plugin (Debian 12), loopback, authentication on",
