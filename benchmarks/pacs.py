@@ -11,7 +11,7 @@ at most 512 px). For each model and worker count: a fresh state, every instance 
 load and the scan included), which stores a report and an overlay per instance.
 
 * ``instances_per_s``: instances / the command's wall seconds;
-* the PyTorch run with 1 worker twice: torch's default threads (the 2 cores) and 1 thread (OMP_NUM_THREADS=1),
+* the PyTorch run with 1 worker twice: the default threads (the 2 cores) and ``--threads 1``,
   because on a machine other work keeps busy two threads spin against each other (measured: 6x slower
   per image here); worker processes take cores / workers threads each;
 * ``load_average_1min``: the machine's load before and after the command (this machine is shared);
@@ -93,19 +93,18 @@ def gradcam_fraction(model: Path, images: list[Path]) -> float:
 
 def measure(server: Any, model: Path, made: list[Any], workers: int, folder: Path, grad_cam: float,
             threads: int | None = None) -> dict[str, Any]:
-    """One ``pacs screen`` command on a freshly filled PACS; ``threads`` sets OMP_NUM_THREADS (torch's threads
-    in the single-worker process; worker processes take cores / workers each anyway)."""
+    """One ``pacs screen`` command on a freshly filled PACS; ``threads``: its ``--threads`` (torch's threads per
+    worker; by default cores / workers)."""
     server.wipe()
     for item in made:
         server.upload(item.data)
     state = folder / f"state-{model.name}-{workers}-{threads}.db"
-    env = {**os.environ, "LUNGSCREEN_PACS_USER": server.auth[0], "LUNGSCREEN_PACS_PASSWORD": server.auth[1],
-           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    env = {**os.environ, "LUNGSCREEN_PACS_USER": server.auth[0], "LUNGSCREEN_PACS_PASSWORD": server.auth[1]}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lungscreen", "pacs", "screen", server.dicomweb, "--model", str(model),
-                           "--state", str(state), "--workers", str(workers)], capture_output=True, text=True, env=env,
-                          check=False)
+    command = [sys.executable, "-m", "lungscreen", "pacs", "screen", server.dicomweb, "--model", str(model),
+               "--state", str(state), "--workers", str(workers), *(["--threads", str(threads)] if threads else [])]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"pacs screen failed ({done.returncode}):\n{done.stderr[-3000:]}")

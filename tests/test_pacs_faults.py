@@ -101,7 +101,7 @@ def test_orthanc_killed_mid_watch_and_restarted(synthetic, tmp_path):
             server.upload(item.data)
         state, log = str(tmp_path / "state.db"), tmp_path / "watch.log"
         watcher = start_lungscreen("pacs", "screen", server.dicomweb, "--model", run, "--watch", "--interval", "1",
-                                   "--state", state, env=ENV, log=log)
+                                   "--state", state, "--threads", "1", env=ENV, log=log)
         try:
             wait_for(lambda: Path(state).exists() and statuses(state)["done"] >= 3, 240, "3 instances screened")
             server.kill()

@@ -144,6 +144,9 @@ def screen(
     since: str | None = typer.Option(None, "--since", help="Only studies from this date on (YYYY-MM-DD)."),
     lease: float = typer.Option(600.0, "--lease", min=1.0, help="Seconds a worker may hold an instance; after that "
                                 "(it died) another worker takes it over."),
+    threads: int = typer.Option(0, "--threads", min=0, help="PyTorch threads per worker (0: the cores / --workers). "
+                                "On a machine other work keeps busy, 1 is often much faster (threads spin against "
+                                "each other); an ONNX export uses onnxruntime's threads."),
     credentials: Path | None = CREDENTIALS,
     ca_bundle: Path | None = CA_BUNDLE,
 ) -> None:
@@ -165,12 +168,14 @@ def screen(
     from lungscreen.inference.predict import Predictor
     from lungscreen.pacs import Credentials, Options, Pacs, Screener, State, Tally, state_url
     from lungscreen.pacs.selection import searched_modalities
-    from lungscreen.pacs.workers import Job, run_workers
+    from lungscreen.pacs.workers import Job, run_workers, use_threads
 
     url_state = state_url(state)
+    threads = threads or _threads(workers)
     secrets = Credentials.from_environment(credentials)
     pacs = Pacs(url, secrets, ca_bundle=ca_bundle)
     predictor = Predictor(model)
+    use_threads(threads)
     searched = _modalities(modality) or searched_modalities(predictor.spec.modality)
     options = Options(modalities=searched, since=_since(since), lease=lease, watch=watch, interval=interval)
     store = State(url_state)
@@ -191,7 +196,7 @@ def screen(
             screener.run(tally, scan_first=False)
             err.print(f"worker 1: {tally.timing()}")
         else:
-            job = Job(url, secrets, ca_bundle, str(model), url_state, options, threads=_threads(workers))
+            job = Job(url, secrets, ca_bundle, str(model), url_state, options, threads=threads)
             code = run_workers(job, workers)
             if code:
                 raise typer.Exit(code)

@@ -43,17 +43,20 @@ def build(job: Job) -> Screener:
 
     from lungscreen.inference.predict import Predictor
 
-    if job.threads:
-        try:
-            import torch
-
-            torch.set_num_threads(job.threads)
-        except ImportError:  # pragma: no cover - torch is a dependency; ONNX runs never need it
-            pass
+    predictor = Predictor(job.model)
+    use_threads(job.threads)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     say = None if job.quiet else (lambda text: console.print(text, markup=False))
-    return Screener(Pacs(job.url, job.credentials, ca_bundle=job.ca_bundle), Predictor(job.model), State(job.state),
-                    job.options, say=say)
+    return Screener(Pacs(job.url, job.credentials, ca_bundle=job.ca_bundle), predictor, State(job.state), job.options,
+                    say=say)
+
+
+def use_threads(threads: int) -> None:
+    """PyTorch's intra-op threads in this process (0 leaves torch's default); nothing when torch was never
+    imported (an ONNX export runs on onnxruntime alone)."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None:
+        torch.set_num_threads(threads)
 
 
 def run_workers(job: Job, count: int) -> int:
