@@ -360,6 +360,25 @@ def test_export_names_its_own_option_for_a_missing_folder(cli, data, tmp_path):
     assert "--out" not in result.err
 
 
+def test_evaluate_refuses_training_images_listed_again_under_other_patient_ids(cli, data, tmp_path):
+    """The patient check alone let the same films through under new IDs; their pictures give them away."""
+    frame = pd.read_csv(data["manifest"].with_suffix(".csv"), keep_default_na=False)
+    folder = Path(data["manifest"]).parent
+    training = frame[frame["split"] == "train"].head(3)
+    rows = [{"image_path": str(folder / path), "label": label, "patient_id": f"new-{i}", "source": "elsewhere"}
+            for i, (path, label) in enumerate(zip(training["image_path"], training["label"]))]
+    with Image.open(folder / training["image_path"].iloc[0]) as film:  # re-encoded and resized, under a new name
+        film.resize((60, 60)).save(tmp_path / "copy.jpg", quality=92)
+    rows.append({"image_path": str(tmp_path / "copy.jpg"), "label": training["label"].iloc[0], "patient_id": "new-9",
+                 "source": "elsewhere"})
+    pd.DataFrame(rows).to_csv(tmp_path / "copies.csv", index=False)
+    result = cli("evaluate", data["run"], "--on", tmp_path / "copies.csv", "--split", "all", "--out", tmp_path)
+    expect(result, BAD_INPUT, "4 evaluated image(s) are copies of the run's training images")
+    held_out = frame[frame["split"] == "test"].assign(image_path=lambda f: [str(folder / p) for p in f["image_path"]])
+    held_out.to_csv(tmp_path / "held-out.csv", index=False)
+    assert cli("evaluate", data["run"], "--on", tmp_path / "held-out.csv", "--out", tmp_path).code == 0
+
+
 def test_predict_into_an_unknown_format(cli, data, tmp_path):
     expect(cli("predict", data["run"], data["images"][0], "--out", tmp_path / "p.txt"), BAD_INPUT, "--out")
 

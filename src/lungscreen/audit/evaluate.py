@@ -22,7 +22,7 @@ import pandas as pd
 
 from lungscreen.data.labels import TASKS, Task
 from lungscreen.data.manifest import FRONTAL_VIEWS, for_task, load_manifest
-from lungscreen.errors import ConfigError, LeakageError
+from lungscreen.errors import ConfigError, LeakageError, LungscreenError
 from lungscreen.evaluation.tables import composition, figures_of, per_source
 from lungscreen.inference.predict import Predictor
 from lungscreen.inference.scoring import original_images, score_rows, scored
@@ -104,7 +104,54 @@ def evaluation_rows(predictor: Predictor, manifest: pd.DataFrame, split: str | N
     if overlap:
         raise LeakageError(f"{len(overlap)} evaluated patient(s) were in the run's training set (e.g. {overlap[0]}); "
                            "evaluate on held-out patients (the test split, or other sources)")
+    copies = training_copies(predictor, rows)
+    if copies:
+        image, original = copies[0]
+        raise LeakageError(f"{len(copies)} evaluated image(s) are copies of the run's training images under other "
+                           f"patient IDs (near-duplicates by pHash and thumbnail, e.g. {image} = {original}); evaluate "
+                           "on held-out images")
     return rows.reset_index(drop=True)
+
+
+def training_images(predictor: Predictor) -> pd.DataFrame:
+    """The run's training images: the rows of its training patients in the manifests its ``config.yaml``
+    names (the run's own folder); empty when that folder, its config or its manifests are not at hand (a lone
+    checkpoint, an export, data that moved)."""
+    import yaml
+
+    trained = set(predictor.checkpoint.meta.get("extra", {}).get("train_patients", []))
+    config = Path(predictor.checkpoint.path).parent / "config.yaml"
+    if not trained or not config.is_file():
+        return pd.DataFrame(columns=["image_path", "phash"])
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    named = [raw.get("data") or {}, *((stage or {}).get("data") or {} for stage in raw.get("stages") or [])]
+    frames = []
+    for manifest in dict.fromkeys(str(data["manifest"]) for data in named if data.get("manifest")):
+        try:
+            frames.append(load_manifest(manifest))
+        except LungscreenError:  # moved or gone: the patient check above still stands
+            continue
+    if not frames:
+        return pd.DataFrame(columns=["image_path", "phash"])
+    frame = pd.concat(frames, ignore_index=True).drop_duplicates("image_path")
+    return frame[frame["patient_id"].astype(str).isin(trained)].reset_index(drop=True)
+
+
+def training_copies(predictor: Predictor, rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(evaluated image, training image) of every evaluated row that repeats one of the run's training images
+    under another patient ID or file name (:func:`lungscreen.data.dedup.copies_between`)."""
+    from lungscreen.data.dedup import copies_between
+
+    training = training_images(predictor)
+    if training.empty:
+        return []
+    same = rows["image_path"].isin(set(training["image_path"]))  # the very files, listed again
+    ours = rows[~same]
+    stored = lambda frame: frame["phash"].astype(str).tolist() if "phash" in frame else None  # noqa: E731
+    pairs = copies_between(ours["image_path"].tolist(), training["image_path"].tolist(), query_hashes=stored(ours),
+                           reference_hashes=stored(training))
+    return [(path, path) for path in rows.loc[same, "image_path"]] + \
+        [(ours["image_path"].iloc[i], training["image_path"].iloc[j]) for i, j in pairs]
 
 
 def evaluate_run(run: str | Path | Predictor, manifest: str | Path, *, split: str | None = "test",

@@ -24,7 +24,7 @@ describes. A missed copy leaks; a spurious pair only keeps two images in one spl
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -121,3 +121,51 @@ def duplicate_groups(count: int, pairs: list[DuplicatePair]) -> np.ndarray:
     _, compact = np.unique(components[in_group], return_inverse=True)
     groups[in_group] = compact
     return groups
+
+
+def copies_between(query: Sequence[str], reference: Sequence[str], *, query_hashes: Sequence[str] | None = None,
+                   reference_hashes: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """(query index, reference index) of every query image that is a near-duplicate of a reference image, by
+    :func:`find_duplicates`' rule: the same image listed again (under another name or patient), re-encoded,
+    resized or with a burnt-in date.
+
+    Args:
+        query, reference: image paths.
+        query_hashes, reference_hashes: their pHashes as a manifest's ``phash`` column stores them (16 hex
+            digits, '' where unknown); an image without one is read and hashed.
+
+    Only the images whose pHash lies within :data:`HASH_CANDIDATE` bits of one on the other side are read
+    for their thumbnails, so a check of a few hundred test images against thousands of training images reads
+    few files beyond the test images themselves.
+    """
+    from lungscreen.io.images import read_image
+
+    marks: dict[str, Fingerprint] = {}
+
+    def mark(path: str) -> Fingerprint:
+        if path not in marks:
+            marks[path] = fingerprint(read_image(path).pixels)
+        return marks[path]
+
+    def hashes(paths: Sequence[str], stored: Sequence[str] | None) -> np.ndarray:
+        known = list(stored) if stored is not None else [""] * len(paths)
+        return np.array([int(h, 16) if h else mark(p).phash for p, h in zip(paths, known, strict=True)], np.uint64)
+
+    ours, theirs = hashes(query, query_hashes), hashes(reference, reference_hashes)
+    close: set[tuple[int, int]] = set()
+    for start in range(0, len(ours), _BLOCK):
+        distance = np.bitwise_count(ours[start:start + _BLOCK, None] ^ theirs[None, :])
+        rows, columns = np.nonzero(distance <= HASH_CANDIDATE)
+        close.update(zip((rows + start).tolist(), columns.tolist()))
+    if not close:
+        return []
+    involved = [("q", i) for i in sorted({i for i, _ in close})] + [("r", j) for j in sorted({j for _, j in close})]
+    paths = [query[i] if side == "q" else reference[i] for side, i in involved]
+    union_hashes = np.array([ours[i] if side == "q" else theirs[i] for side, i in involved], np.uint64)
+    thumbnails = np.stack([mark(path).thumbnail for path in paths])
+    found = []
+    for pair in find_duplicates(union_hashes, thumbnails, lambda k: detail_image(read_image(paths[k]).pixels)):
+        (side_a, a), (side_b, b) = involved[pair.first], involved[pair.second]
+        if side_a != side_b:
+            found.append((a, b) if side_a == "q" else (b, a))
+    return sorted(set(found))
