@@ -34,6 +34,7 @@ from pacs_fixtures import (  # noqa: F401  (fixtures)
     synthetic_batch,
     train_tiny,
 )
+from training_fixtures import make_manifest, tiny_recipe
 
 RADIOGRAPHY = "covid19-radiography-database/COVID-19_Radiography_Dataset"
 NIH = "nih-chestxray14-darkcovidnet/X-Ray Image DataSet"
@@ -289,3 +290,39 @@ def test_the_overlay_keeps_the_source_grid(orthanc, credentials, synthetic, tmp_
     assert tally.statuses == {"done": 1}
     overlay = read_back(orthanc, made.study, results_in(orthanc, made.study)["OT"][0])
     assert overlay.pixel_array.shape == (48, 48, 3) and np.asarray(overlay.pixel_array).max() > 0
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> Path:
+    """A run whose out-of-distribution gate has learnt enough to refuse noise (tests/test_ood_gate.py's recipe)."""
+    from lungscreen.training.config import from_dict
+    from lungscreen.training.engine import train
+
+    root = tmp_path_factory.mktemp("gated")
+    recipe = tiny_recipe(make_manifest(root / "data", per_class=30, size=64),
+                         model={"name": "resnet18", "options": {"width": 8}})
+    recipe["stages"] = [{"name": "all", "epochs": 4, "image_size": 64, "train": "all",
+                         "optimizer": {"name": "adam", "lr": 3e-3}}]
+    return train(from_dict(recipe), out=root / "run", quiet=True).run_dir
+
+
+@pytest.mark.slow
+def test_an_image_the_models_gate_refuses_is_skipped_with_its_reason(orthanc, credentials, gated, tmp_path):
+    """A frontal CR header on a picture of noise: the header passes, the run's out-of-distribution gate
+    refuses the pixels, and the instance is recorded as skipped with the gate's reason (nothing stored)."""
+    from lungscreen.data.out_of_scope import kind_of, write_out_of_scope
+    from lungscreen.pacs import Options, Pacs, Screener, State, Tally
+    from lungscreen.pacs.connection import Credentials
+
+    orthanc.wipe()
+    picture = next(p for p in write_out_of_scope(tmp_path / "oos") if kind_of(p) == "gaussian-noise")
+    noise = dicom_from(gray(picture))
+    orthanc.upload(noise.data)
+    state = State(f"sqlite:///{tmp_path / 's.db'}")
+    screener = Screener(Pacs(orthanc.dicomweb, Credentials.from_environment()), Predictor(gated), state,
+                        Options(modalities=("CR", "DX")))
+    tally = Tally()
+    screener.run(tally)
+    row = state.rows()[0]
+    assert tally.statuses == {"skipped": 1} and row["status"] == "skipped", row
+    assert row["reason"].startswith("not screened:") and results_in(orthanc, noise.study) == {"SR": [], "OT": []}
