@@ -261,7 +261,7 @@ def test_a_pacs_without_chest_images_says_so_and_exits_0(cli, orthanc, credentia
     films = synthetic[1]
     orthanc.upload(dicom_from(gray(films[0]), modality="CR", body_part="HAND").data)
     orthanc.upload(dicom_from(gray(films[1]), modality="MR", view=None, body_part="BRAIN").data)
-    code, out, err = cli("pacs", "screen", orthanc.dicomweb, "--model", model, "--state", tmp_path / "s.db")
+    code, _, err = cli("pacs", "screen", orthanc.dicomweb, "--model", model, "--state", tmp_path / "s.db")
     assert code == 0, err
     assert "holds no chest image this CXR model takes" in err and "1 instance(s) skipped" in err
     orthanc.wipe()
