@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+
 app = typer.Typer(
     name="lungscreen",
     help="Screen chest X-ray and CT images for COVID-19 and pneumonia: build datasets from public sources, "
@@ -53,8 +54,7 @@ def _register() -> None:
     app.add_typer(data.app, name="data")
     app.add_typer(models.app, name="models")
     app.command("demo")(demo.demo)
-    from lungscreen.cli import predict as predict_cli  # noqa: E402
-    from lungscreen.cli import train as train_cli
+    from lungscreen.cli import predict as predict_cli, train as train_cli  # noqa: E402
 
     app.command("train")(train_cli.train)
     app.command("tune")(train_cli.tune)
@@ -72,8 +72,7 @@ def _register() -> None:
 
     app.command("evaluate")(evaluate_cli.evaluate)
     app.command("audit")(evaluate_cli.audit)
-    from lungscreen.cli import lungs as lungs_cli  # noqa: E402
-    from lungscreen.cli import preprocess as preprocess_cli
+    from lungscreen.cli import lungs as lungs_cli, preprocess as preprocess_cli  # noqa: E402
 
     app.add_typer(lungs_cli.app, name="lungs")
     app.command("preprocess")(preprocess_cli.preprocess)
