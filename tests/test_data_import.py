@@ -63,7 +63,7 @@ def test_every_bad_cell_is_named_by_line_and_column(cli, hospital):
     text[6] = text[6].replace(",P2,", ",,")  # line 7: no patient
     text[9] = text[9].replace(",test", ",tset")  # line 10
     (hospital / "list.csv").write_text("\n".join(text) + "\n")
-    code, out, err = cli("data", "import", hospital / "list.csv", "--out", hospital / "m")
+    code, _, err = cli("data", "import", hospital / "list.csv", "--out", hospital / "m")
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "4 problem(s)" in lines[0], err

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from browser import CHROMIUM_ARGS, chromium_path, served, unavailable
-from pacs_fixtures import dicom_from, gray, train_tiny
-from training_fixtures import make_manifest
 from lungscreen.inference.predict import Predictor
 from lungscreen.lungs.segmenter import ClassicalSegmenter
 from lungscreen.serve import create_app
+from pacs_fixtures import dicom_from, gray, train_tiny
+from training_fixtures import make_manifest
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright (Python) is not installed")
 expect, sync_playwright = playwright_api.expect, playwright_api.sync_playwright
@@ -125,8 +125,8 @@ def test_a_good_upload_shows_the_decision_in_words_and_the_model_s_test_figures(
     predictor = Predictor(run)
     point = predictor.spec.operating_point
     assert point is not None, "the tiny run should have an operating point on COVID-19 (chosen on validation)"
-    assert re.fullmatch(rf"COVID-19 (flagged: probability [\d.]+ is above|not flagged: probability [\d.]+ is below) the "
-                        rf"threshold [\d.]+ chosen for 95 % sensitivity on the val split; .+", shown["decision"]), shown
+    assert re.fullmatch(r"COVID-19 (flagged: probability [\d.]+ is above|not flagged: probability [\d.]+ is below) the "
+                        r"threshold [\d.]+ chosen for 95 % sensitivity on the val split; .+", shown["decision"]), shown
     assert "classical fallback" in shown["notes"]  # this server draws the lungs with the classical fallback
     test = predictor.test_report
     summary = page.inner_text("#test-summary")

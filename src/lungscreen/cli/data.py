@@ -62,16 +62,11 @@ def build(
     from lungscreen.data.build import build_manifest
     from lungscreen.data.composition import flat_composition
     from lungscreen.data.manifest import check_files, load_manifest, save_manifest
-    from lungscreen.data.splits import parse_ratios
-    from lungscreen.errors import ConfigError, ManifestError
     from lungscreen.io.files import atomic_path
 
-    try:
-        split_ratios = parse_ratios(ratios)
-    except ManifestError as error:
-        raise ConfigError(f"--ratios: {error}") from None
+    shares = split_ratios(ratios)
     ensure_folder(out_path, mkdir)
-    result = build_manifest(folders, ratios=split_ratios, seed=seed, workers=workers)
+    result = build_manifest(folders, ratios=shares, seed=seed, workers=workers)
     for name, root in result.sources:
         join = result.joins.get((name, root))
         note = f" [dim]({join.describe()})[/]" if join else ""
@@ -84,9 +79,7 @@ def build(
         pd.DataFrame(result.skips.items, columns=["path", "reason"]).to_csv(temporary, index=False)
     check_files(load_manifest(parquet), parquet)  # the written paths resolve from where the manifest lies
     print_composition(result.manifest)
-    groups = result.manifest["dup_group"].replace("", pd.NA).dropna()
-    out.print(f"{len(result.manifest)} images, {result.manifest['patient_id'].nunique()} patients, "
-              f"{groups.nunique()} near-duplicate groups ({len(groups)} images), {len(result.skips)} skipped")
+    out.print(f"{counts(result.manifest)}, {len(result.skips)} skipped")
     for reason, count in sorted(result.skips.by_reason().items(), key=lambda item: -item[1]):
         out.print(f"  [yellow]skipped[/] {count:>5}  {reason}")
     out.print(f"wrote {parquet} and {csv.name}")
@@ -119,22 +112,32 @@ def import_command(
     """
     from lungscreen.data.csv_import import import_csv
     from lungscreen.data.manifest import save_manifest
+
+    shares = split_ratios(ratios)
+    ensure_folder(out_path, mkdir)
+    result = import_csv(csv_path, ratios=shares, seed=seed, workers=workers)
+    parquet, csv = save_manifest(result.manifest, out_path)
+    print_composition(result.manifest)
+    out.print(f"{counts(result.manifest)}; split {f'made (seed {seed})' if result.split_made else 'as given'}")
+    out.print(f"wrote {parquet} and {csv.name}")
+
+
+def split_ratios(text: str) -> tuple[float, float, float]:
+    """``--ratios`` as train, val and test shares (a ConfigError naming the option otherwise)."""
     from lungscreen.data.splits import parse_ratios
     from lungscreen.errors import ConfigError, ManifestError
 
     try:
-        split_ratios = parse_ratios(ratios)
+        return parse_ratios(text)
     except ManifestError as error:
         raise ConfigError(f"--ratios: {error}") from None
-    ensure_folder(out_path, mkdir)
-    result = import_csv(csv_path, ratios=split_ratios, seed=seed, workers=workers)
-    parquet, csv = save_manifest(result.manifest, out_path)
-    print_composition(result.manifest)
-    frame = result.manifest
+
+
+def counts(frame: pd.DataFrame) -> str:
+    """Images, patients and near-duplicate groups of a manifest, for the line a build or an import ends with."""
     groups = frame["dup_group"].replace("", pd.NA).dropna()
-    out.print(f"{len(frame)} images, {frame['patient_id'].nunique()} patients, {groups.nunique()} near-duplicate "
-              f"groups ({len(groups)} images); split {'made (seed ' + str(seed) + ')' if result.split_made else 'as given'}")
-    out.print(f"wrote {parquet} and {csv.name}")
+    return (f"{len(frame)} images, {frame['patient_id'].nunique()} patients, {groups.nunique()} near-duplicate "
+            f"groups ({len(groups)} images)")
 
 
 @app.command()

@@ -33,8 +33,8 @@ import pandas as pd
 
 from lungscreen.data.build import inspect_images, mark_duplicates
 from lungscreen.data.dedup import DuplicatePair
-from lungscreen.data.manifest import MODALITIES, REQUIRED, SPLITS, VIEWS, validate
 from lungscreen.data.labels import CANONICAL_LABELS
+from lungscreen.data.manifest import MODALITIES, REQUIRED, SPLITS, VIEWS, validate
 from lungscreen.data.sources import Skips
 from lungscreen.data.splits import assign_splits, check_leakage
 from lungscreen.errors import ManifestError
