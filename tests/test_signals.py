@@ -79,8 +79,6 @@ def test_ctrl_c_during_train_says_how_to_resume(recipe, tmp_path):
     assert torch.load(run / "stages/00-all/last.ckpt", weights_only=False)["epoch"] >= 0  # a whole checkpoint
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: training/engine.py prints the interrupt line to stdout (say) before "
-                   "the CLI's boundary prints it to stderr; fix in the engine: log it to log.txt only")
 def test_ctrl_c_during_train_prints_its_line_once_on_the_terminal(recipe, tmp_path):
     """A terminal shows stdout and stderr together: the interrupt line must appear there once, not twice."""
     run = tmp_path / "run"

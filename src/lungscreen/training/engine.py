@@ -61,7 +61,7 @@ from lungscreen.training.prepare import (
     task_name,
 )
 from lungscreen.training.run_context import RunContext
-from lungscreen.training.run_folder import default_run_dir, quiet_lightning, read_json, run_log, say
+from lungscreen.training.run_folder import default_run_dir, log_only, quiet_lightning, read_json, run_log, say
 from lungscreen.training.stage import run_stage
 from lungscreen.training.testing import finish
 from lungscreen.training.tracking import MlflowTracker
@@ -115,7 +115,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: str | P
             return _run(config, prepared, run_dir, env, listeners, extra_callbacks, quiet, resumed=resume is not None)
         except interrupts.Interrupted as stop:
             stop.hint = stop.hint or f"resume with lungscreen train --resume {run_dir}"
-            say(stop.message())  # into log.txt too
+            log_only(stop.message())  # the terminal gets it from the command line's boundary
             raise
 
 

@@ -207,3 +207,10 @@ def quiet_lightning() -> Iterator[None]:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def log_only(text: str) -> None:
+    """A line for the run log alone: what the command line's error boundary shows on the terminal anyway
+    (an interrupt's one line), so a terminal never shows it twice."""
+    if isinstance(sys.stdout, _Tee):
+        sys.stdout.log.write(text + "\n")
