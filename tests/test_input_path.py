@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from scipy.ndimage import gaussian_filter
 
 from lungscreen.data.labels import TASKS
 from lungscreen.data.phantoms import render_phantom
@@ -162,10 +163,14 @@ def test_every_augmentation_moves_the_mask_and_the_box_with_the_image(name):
     dataset = ManifestDataset(OneSample(), 96, spec_for(["a"], size=96).input, TASKS["lungs"], build_augment(name))
     for seed in range(12):
         image, masks, boxes = dataset._augmented(phantom_with_a_marked_lesion(), seed)
-        bright, mask = image[0].numpy() > 0.6, masks[0].numpy() > 0
+        pixels, mask = gaussian_filter(image[0].numpy(), 1.5), masks[0].numpy() > 0
         assert mask.sum() > 100, (name, seed)
+        # The lesion is the brightest area: as many of the brightest (smoothed) pixels as the mask holds - a rank,
+        # so the gamma, contrast and noise of the acquisition augmentation do not move a fixed threshold (its
+        # worst of 300 seeds: 0.84; a mask left behind by a geometric transform overlaps near 0).
+        bright = pixels >= np.sort(pixels, axis=None)[-int(mask.sum())]
         overlap = (bright & mask).sum() / (bright | mask).sum()
-        assert overlap > 0.85, (name, seed, overlap)  # the mask covers the pixels the lesion moved to
+        assert overlap > 0.8, (name, seed, overlap)  # the mask covers the pixels the lesion moved to
         ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = boxes[0].tolist()
         assert abs(x0 - xs.min()) <= 2 and abs(y0 - ys.min()) <= 2, (name, seed)

@@ -35,7 +35,7 @@ TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("viewer")
-    return train_tiny(make_manifest(root / "train", per_class=8), root / "run")
+    return train_tiny(make_manifest(root / "train", per_class=20), root / "run")  # enough images for a gate
 
 
 @pytest.fixture(scope="module")

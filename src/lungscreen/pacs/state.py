@@ -35,6 +35,8 @@ MAX_ATTEMPTS = 3
 #: Where the state lives when no --state is given.
 DEFAULT_STATE = "lungscreen-pacs.db"
 STATUSES = ("pending", "claimed", "done", "failed", "skipped")
+#: The PostgreSQL advisory-lock key the table creation holds (any constant; "lungscre" as an int64).
+SCHEMA_LOCK = int.from_bytes(b"lungscre", "big") >> 1
 
 
 def state_url(given: str | None) -> str:
@@ -102,9 +104,17 @@ class State:
             _immediate_transactions(self.engine)
         self.tables = _tables(sa)
         try:
-            self.tables["metadata"].create_all(self.engine)
+            self._create_schema()
         except sa.exc.OperationalError as error:
             raise ConfigError(f"--state: cannot open {_hidden(url)} ({str(error.orig).splitlines()[0]})") from None
+
+    def _create_schema(self) -> None:
+        """The tables, once: on PostgreSQL, workers starting together would race on CREATE TABLE (one fails on
+        the catalogue's unique index), so the creation holds a transaction-scoped advisory lock."""
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                connection.execute(self.sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+            self.tables["metadata"].create_all(connection)
 
     # ----- what the scan found ---------------------------------------------------------------------
 

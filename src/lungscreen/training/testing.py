@@ -144,9 +144,11 @@ def fit_run_gate(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
     from lungscreen.inference.scoring import gate_inputs
 
     wanted = context.config.gate
+    if not wanted.enabled or isinstance(plan.task, dict) or plan.task.kind not in ("multiclass", "multilabel"):
+        return None  # segmentation and multi-head runs: predict does not score them image by image
     best = context.dir / "best.pt"
     predictor = Predictor(best)
-    if not wanted.enabled or predictor.multitask or not hasattr(predictor.model, "features"):
+    if predictor.multitask or not hasattr(predictor.model, "features"):
         return None
     train = original_images(plan.frames[plan.data.train_split])
     train = train.sample(n=min(wanted.train_images, len(train)), random_state=context.config.seed)
