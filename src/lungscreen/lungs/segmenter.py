@@ -29,15 +29,40 @@ from lungscreen.preprocessing.transforms import PreprocessingError
 
 #: Model name of the lung U-Net in the registry.
 MODEL_NAME = "lung_unet"
+#: The lung U-Net shipped with the package, and its training record (command, data, Dice, SHA-256).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "weights" / "lung_unet.pt"
+SHIPPED_RECORD = SHIPPED_MODEL.with_suffix(".json")
 
 
 def default_model_path() -> Path:
-    """Where the lung model lives unless told otherwise: ``$LUNGSCREEN_LUNG_MODEL``, else
-    ``$XDG_DATA_HOME/lungscreen/lung_unet.pt`` (``~/.local/share/lungscreen/lung_unet.pt``)."""
+    """Where the user's own lung model lives unless told otherwise: ``$LUNGSCREEN_LUNG_MODEL``, else
+    ``$XDG_DATA_HOME/lungscreen/lung_unet.pt`` (``~/.local/share/lungscreen/lung_unet.pt``), where
+    ``lungscreen lungs train`` installs it."""
     if os.environ.get("LUNGSCREEN_LUNG_MODEL"):
         return Path(os.environ["LUNGSCREEN_LUNG_MODEL"]).expanduser()
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "lungscreen" / "lung_unet.pt"
+
+
+def shipped_model() -> Path | None:
+    """The lung U-Net that ships with lungscreen, checked against the SHA-256 its training record pins (None
+    when this installation carries no weights).
+
+    Raises:
+        PreprocessingError: the weights are not the ones recorded (a damaged installation).
+    """
+    if not SHIPPED_MODEL.is_file() or not SHIPPED_RECORD.is_file():
+        return None
+    import json
+
+    from lungscreen.io.files import file_sha256
+
+    pinned = json.loads(SHIPPED_RECORD.read_text())["sha256"]
+    if file_sha256(SHIPPED_MODEL) != pinned:
+        raise PreprocessingError(f"the lung model shipped with lungscreen ({SHIPPED_MODEL}) does not match the SHA-256 "
+                                 f"its record pins ({pinned[:16]}...): reinstall lungscreen, or train your own with "
+                                 "`lungscreen lungs train MANIFEST`, or set segment_lungs.method=classical")
+    return SHIPPED_MODEL
 
 
 class Segmenter(Protocol):

@@ -8,6 +8,7 @@ command line do so).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 from lungscreen.data.labels import MASK_CONVENTIONS
 from lungscreen.errors import ConfigError
 from lungscreen.io.files import file_sha256
-from lungscreen.lungs.segmenter import default_model_path, load_segmenter
+from lungscreen.lungs.segmenter import default_model_path, load_segmenter, shipped_model
 from lungscreen.preprocessing.transforms import (
     LUNGS,
     PreprocessingError,
@@ -45,11 +46,12 @@ class SegmentLungs(Transform):
     Args:
         method: ``"unet"`` (a trained lung model is required), ``"classical"`` (thresholding and
             morphology, :mod:`lungscreen.lungs.classical`) or ``"auto"``: the U-Net when a model file is
-            found, otherwise the classical method with a :class:`LungModelWarning`. Never silently skipped.
+            found (the user's own or the one shipped with the package, :func:`find_lung_model`), otherwise
+            (``$LUNGSCREEN_LUNG_MODEL`` names a missing file) the classical method with a loud
+            :class:`LungModelWarning`. Never silently skipped.
             ``"onnx"``: the U-Net exported beside an ONNX classifier (``lungscreen export``); ``model`` names
             the file, ``weights_sha256`` pins it.
-        model: lung model checkpoint; None uses the default path (``$LUNGSCREEN_LUNG_MODEL`` or
-            ``~/.local/share/lungscreen/lung_unet.pt``).
+        model: lung model checkpoint; None looks where :func:`find_lung_model` says.
         convention: which lungs to draw, ``"heart-excluded"`` (visible lung fields, as the Montgomery and
             Shenzhen masks paper 000 trained on) or ``"behind-heart-included"`` (v7labs); see
             :mod:`lungscreen.lungs` for why the model has one output per convention.
@@ -130,8 +132,9 @@ class SegmentLungs(Transform):
 
 
 def find_lung_model(model: str | None, sha256: str | None = None) -> Path | None:
-    """The lung model file to use: ``model`` if given, else the default path (``$LUNGSCREEN_LUNG_MODEL`` or
-    ``~/.local/share/lungscreen/lung_unet.pt``).
+    """The lung model file to use: ``model`` if given, else ``$LUNGSCREEN_LUNG_MODEL`` when set, else the
+    user's own (``~/.local/share/lungscreen/lung_unet.pt``, where ``lungs train`` installs it), else the U-Net
+    shipped with the package (:data:`~lungscreen.lungs.segmenter.SHIPPED_MODEL`, pinned by its SHA-256).
 
     When ``sha256`` is given (a stored pipeline) only a file with that exact hash is accepted, looked for at
     ``model`` first and then at the default path, so a pipeline moves between machines with its model.
@@ -144,6 +147,9 @@ def find_lung_model(model: str | None, sha256: str | None = None) -> Path | None
     candidates = [Path(model)] if model else []
     if sha256 or not model:
         candidates.append(default_model_path())
+        if not os.environ.get("LUNGSCREEN_LUNG_MODEL"):  # a path the user set is the only one looked at
+            shipped = shipped_model()
+            candidates += [shipped] if shipped else []
     for path in candidates:
         if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
             return path
