@@ -82,7 +82,7 @@ def test_a_check_that_could_not_be_judged_is_never_a_clean_bill():
     model once learned nothing and its page said "OK - no shortcut found")."""
     from lungscreen.audit.bias import AuditResult, Thresholds, judge
 
-    masking = {"testable": False, "skill": 0.02, "lungs hidden": {}, "lungs only": {}, "original": {}}
+    masking = {"testable": False, "skill": 0.02, "measure": "COVID-19 AUC", "lungs hidden": {}, "lungs only": {}, "original": {}}
     result = AuditResult(None, ["normal", "COVID-19"], np.zeros((1, 2)),
                          [{"label": "COVID-19", "sources": {"radiography": 40}, "testable": False}],
                          pd.DataFrame({"source": ["radiography"], "truth": ["COVID-19"], "ratio": [1.4]}), masking,
@@ -124,6 +124,8 @@ def test_evaluate_audit_and_explain_pages_render_in_a_browser(clean, tmp_path):
     from lungscreen.audit.explain import explain_images
 
     pages = {"report": paths["report"], "audit": write_audit(audited(run, manifest), tmp_path / "audit", str(run))["html"]}
+    audit_text = pages["audit"].read_text(encoding="utf-8")
+    assert "median ratio of the maps of the bacterial images" in audit_text and "' maps" not in audit_text
     explained = explain_images(Predictor(run), table["image_path"].head(2), tmp_path / "explain",
                                methods=("gradcam", "eigencam"))
     assert (explained["error"] == "").all() and explained["file"].map(lambda f: Path(f).is_file()).all()

@@ -332,8 +332,8 @@ class _Renderer:
     def _acquire(self, image: np.ndarray, shortcut: Shortcut | None) -> np.ndarray:
         """Exposure, noise, detector response, collimation and markers: the uint8 film at full size."""
         rng, work = self.rng, self.work
-        image *= self._exposure_ramp() + self._field(int(rng.integers(3, 6)), rng.uniform(0.15, 0.35))
-        image += self._field(int(rng.integers(3, 6)), rng.uniform(0.03, 0.09))
+        image *= self._exposure_ramp() + self._field(int(rng.integers(3, 6)), rng.uniform(0.04, 0.12))
+        image += self._field(int(rng.integers(3, 6)), rng.uniform(0.01, 0.04))
         noise = rng.integers(0, 256, (work, work), dtype=np.uint8).astype(np.float32)  # uniform, std 0.004-0.015
         image += (noise - np.float32(127.5)) * np.float32(rng.uniform(0.004, 0.015) / 73.9)
         pixels = np.clip(image * np.float32(255.0), 0, 255).astype(np.uint8)
@@ -440,15 +440,15 @@ class _Renderer:
             zone = rng.choice(["upper", "middle", "lower"])
             level = {"upper": 0.25, "middle": 0.55, "lower": 0.8}[zone]
             centre_y = top + level * (bottom - top) + rng.uniform(-0.06, 0.06)
-            blob = _ellipse(side * rng.uniform(0.3, 0.55), centre_y, rng.uniform(0.16, 0.28), rng.uniform(0.13, 0.22),
+            blob = _ellipse(side * rng.uniform(0.4, 0.6), centre_y, rng.uniform(0.2, 0.3), rng.uniform(0.16, 0.24),
                             rng.uniform(-30, 30))
             cut = None
             if rng.random() < 0.7:  # a fissure gives the consolidation one straight, sharp border
                 direction = -1.0 if zone == "lower" else 1.0
-                fissure, tilt = centre_y + direction * rng.uniform(0.05, 0.12), rng.uniform(-0.12, 0.12)
+                fissure, tilt = centre_y + direction * rng.uniform(0.08, 0.14), rng.uniform(-0.12, 0.12)
                 cut = np.array([[-2.0, fissure - 2 * tilt], [2.0, fissure + 2 * tilt],
                                 [2.0, 2 * direction], [-2.0, 2 * direction]])
-            regions.append(([blob], rng.uniform(0.10, 0.30), cut))
+            regions.append(([blob], rng.uniform(0.28, 0.42), cut))
         return rng.uniform(0.008, 0.02), regions
 
     def _peripheral(self) -> tuple[float, list[_Region]]:
@@ -461,11 +461,11 @@ class _Renderer:
             lateral, bottom = np.abs(lung[:, 0]).max(), lung[:, 1].max()
             patches = [
                 _ellipse(side * (lateral - rng.uniform(0.06, 0.16)), rng.uniform(-0.05, bottom - 0.1),
-                         rng.uniform(0.06, 0.13), rng.uniform(0.08, 0.18), rng.uniform(-20, 20))
-                for _ in range(int(rng.integers(2, 5)))
+                         rng.uniform(0.08, 0.15), rng.uniform(0.10, 0.20), rng.uniform(-20, 20))
+                for _ in range(int(rng.integers(3, 6)))
             ]
-            regions.append((patches, rng.uniform(0.05, 0.14), None))
-        return rng.uniform(0.025, 0.045), regions
+            regions.append((patches, rng.uniform(0.18, 0.28), None))
+        return rng.uniform(0.02, 0.035), regions
 
     def _perihilar(self) -> tuple[float, list[_Region]]:
         """Viral pattern: streaky interstitial haze radiating from both hila."""
@@ -473,12 +473,12 @@ class _Renderer:
         regions = []
         for side in (-1.0, 1.0):
             streaks = []
-            for _ in range(int(rng.integers(4, 8))):
+            for _ in range(int(rng.integers(5, 9))):
                 angle, reach = rng.uniform(-70, 70), rng.uniform(0.10, 0.30)
                 cx = side * (0.2 + reach * math.cos(math.radians(angle)))
                 cy = -0.05 + reach * math.sin(math.radians(angle))
                 streaks.append(_ellipse(cx, cy, rng.uniform(0.10, 0.18), rng.uniform(0.025, 0.05), side * angle))
-            regions.append((streaks, rng.uniform(0.05, 0.12), None))
+            regions.append((streaks, rng.uniform(0.15, 0.24), None))
         return rng.uniform(0.012, 0.025), regions
 
     # --- acquisition ---------------------------------------------------------------------------------
@@ -500,10 +500,11 @@ class _Renderer:
         return np.clip(curve * 255.0, 0, 255).astype(np.uint8)
 
     def _burn_marker(self, pixels: np.ndarray, strength: float) -> None:
-        """A hospital's letter marker in the top-right corner, more opaque with a stronger shortcut."""
+        """A hospital's letter marker in the top-right corner, more opaque with a stronger shortcut; bold enough
+        (strokes of size / 32) to stay two pixels wide when a film is brought down to 64 px."""
         size = self.size
-        scale = size / 260.0 * self.marker_rng.uniform(0.9, 1.1)
-        thickness = max(1, round(size / 110))
+        scale = size / 160.0 * self.marker_rng.uniform(0.9, 1.1)
+        thickness = max(1, round(size / 32))
         (width, height), _ = cv2.getTextSize(MARKER_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         margin = round(size * self.marker_rng.uniform(0.03, 0.06))
         origin = (size - margin - width, margin + height)
