@@ -11,7 +11,7 @@ balance-exclude             ``data.balance: {method: source_label, partial_sourc
 balance-weight              ``data.balance: {method: source_label, partial_sources: weight, partial_share: 0.1}``
 acquisition                 ``data.augment: acquisition``
 spectral                    ``loss.spectral_decoupling: 0.01`` (no search: the middle of Pezeshki et al.'s range)
-adversary                   ``adversary: {weight: 1.0}`` (class-conditional site adversary, Ganin's ramp)
+adversary                   ``adversary: {weight: 1.0, mode: confusion}`` (class-conditional site adversary, Ganin's ramp)
 simclr                      a SimCLR stage on every chest X-ray of the run's sources but the test split first
 combined                    the levers whose row beat ``shipped`` on the rule below, together
 ==========================  ====================================================================================
@@ -79,7 +79,7 @@ LEVERS: dict[str, list[str]] = {
     "balance-weight": ["data.balance={method: source_label, partial_sources: weight, partial_share: 0.1}"],
     "acquisition": ["data.augment=acquisition"],
     "spectral": ["stages.*.loss.spectral_decoupling=0.01"],
-    "adversary": ["stages.0.adversary={weight: 1.0}"],
+    "adversary": ["stages.0.adversary={weight: 1.0, mode: confusion}"],
     "simclr": [],
 }
 
@@ -96,9 +96,10 @@ def preprocessed(manifest: Path) -> Path:
     return preprocess_manifest(frame, pipeline, CACHE / "preprocessed").manifest_path
 
 
-def lever_overrides(levers: list[str], size: int, epochs: int, seed: int) -> list[str]:
+def lever_overrides(levers: list[str], size: int, epochs: int, seed: int, threads: int | None = None) -> list[str]:
     """The study recipe with ``levers`` put in (a SimCLR stage goes first, the others change the last stage)."""
-    base = [f"stages.0.image_size={size}", f"stages.0.epochs={epochs}", f"seed={seed}", "gate.enabled=false"]
+    base = [f"stages.0.image_size={size}", f"stages.0.epochs={epochs}", f"seed={seed}", "gate.enabled=false",
+            *([f"threads={threads}"] if threads else [])]
     changes = [item for lever in levers for item in LEVERS[lever]]
     if "simclr" not in levers:
         return base + changes
@@ -108,7 +109,8 @@ def lever_overrides(levers: list[str], size: int, epochs: int, seed: int) -> lis
     simclr = {"name": "simclr", "objective": "simclr", "image_size": size, "epochs": SIMCLR_EPOCHS, "train": "all",
               "optimizer": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 1.0e-4}, "schedule": {"name": "one_cycle"},
               "loss": {}, "data": {"balance": {"method": "none"}}}
-    return [f"seed={seed}", "gate.enabled=false", f"stages={json.dumps([simclr, stage])}"]
+    return [f"seed={seed}", "gate.enabled=false", *([f"threads={threads}"] if threads else []),
+            f"stages={json.dumps([simclr, stage])}"]
 
 
 def internal(manifest: Path, name: str, overrides: list[str]) -> dict[str, Any]:
@@ -223,7 +225,7 @@ def goal_met(results: dict[str, Any], row: str) -> bool:
 def measure(results: dict[str, Any], manifest: Path, row: str, levers: list[str], seed: int, args: argparse.Namespace,
             held_out: list[str]) -> None:
     name = f"{row}-s{seed}"
-    overrides = lever_overrides(levers, args.size, args.epochs, seed)
+    overrides = lever_overrides(levers, args.size, args.epochs, seed, args.threads)
     entry = results["rows"].setdefault(row, {"levers": levers, "overrides": overrides, "seeds": {}})
     entry["overrides"] = lever_overrides(levers, args.size, args.epochs, 0)
     measured = entry["seeds"].setdefault(str(seed), {})
@@ -247,6 +249,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="seeds for the rows run (the shipped and chosen rows: 0,1,2)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the recipe's)")
     parser.add_argument("--full", action="store_true", help="also leave NIH's negatives (a specificity-only row) "
                         "and Figure 1 (too small to rank on) out; the shipped and the chosen rows")
     parser.add_argument("--adabn", action="store_true", help="AdaBN on the left-out sources of the rows run")

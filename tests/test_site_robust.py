@@ -149,6 +149,35 @@ def test_the_adversary_gradient_reaches_the_encoder_reversed():
     assert torch.allclose(reversed_head, plain_head, atol=1e-7)
 
 
+def test_the_confusion_mode_trains_the_head_on_the_sources_and_the_encoder_towards_a_uniform_answer():
+    """mode=confusion: the head's gradient is the site cross-entropy's alone (it learns on detached features);
+    the encoder's is the uniform-answer term's, scaled by the ramp, and none of the site cross-entropy's."""
+    torch.manual_seed(0)
+    model = create("resnet18", num_classes=3, width=8)
+    adversary = SiteAdversary(model, sources=["cohen", "nih"], classes=3, mode="confusion")
+    objective = SiteAdversaryObjective(MulticlassObjective(get_task("covidx"), LossConfig()), ["cohen", "nih"])
+    batch = phantom_batch()
+    adversary.eval()
+
+    def gradients(factor: float, term: str) -> tuple[torch.Tensor, torch.Tensor]:
+        adversary.zero_grad()
+        adversary.reversal.factor = factor
+        outputs = adversary(batch["image"])
+        loss = objective.site_loss(outputs["site"], batch) if term == "site" else \
+            objective.site_loss(outputs["confusion"], batch, uniform=True)
+        loss.backward()
+        grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+                 for module in (model.layer_groups()[0], adversary.head)]
+        return tuple(torch.cat([g.flatten() for g in group]) for group in grads)
+
+    site_encoder, site_head = gradients(1.0, "site")
+    assert site_encoder.abs().sum() == 0 and site_head.abs().sum() > 0
+    confusion_encoder, confusion_head = gradients(1.0, "confusion")
+    assert confusion_encoder.abs().sum() > 0 and confusion_head.abs().sum() == 0
+    half_encoder, _ = gradients(0.5, "confusion")
+    assert torch.allclose(half_encoder, 0.5 * confusion_encoder, atol=1e-7, rtol=1e-4)
+
+
 def test_the_reversal_ramps_from_zero_to_its_weight():
     assert ganin_ramp(0.0, 2.0) == 0.0
     assert 0.0 < ganin_ramp(0.1, 2.0) < ganin_ramp(0.5, 2.0) < 2.0

@@ -249,12 +249,17 @@ class AdversaryConfig(_Section):
     encoder learns features the head cannot tell the sources apart by. ``class_conditional``: the head
     predicts the source within each class (it removes the site, not the disease). The reversal's strength
     ramps from 0 to ``weight`` over the stage as ``2 / (1 + exp(-gamma * progress)) - 1`` (Ganin & Lempitsky
-    2015); ``hidden_dim`` is the head's hidden width."""
+    2015); ``hidden_dim`` is the head's hidden width. ``mode``: ``reversal`` (the encoder maximises the head's
+    loss, Ganin's layer) or ``confusion`` (the encoder drives the head's answer towards uniform, the head
+    learning on detached features; Tzeng et al. 2015, Alvi et al. 2018): a reversed encoder may merely flip
+    what the head reads - the head then names the wrong source every time, and a linear probe still tells
+    the sources apart - while a confused one must drop it."""
 
     weight: Float = Field(1.0, gt=0)
     gamma: Float = Field(10.0, gt=0)
     hidden_dim: Int = Field(128, gt=0)
     class_conditional: Bool = True
+    mode: Literal["reversal", "confusion"] = "reversal"
 
 
 class StageConfig(_Section):

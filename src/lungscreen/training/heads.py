@@ -15,6 +15,11 @@ included). Two live here and in :mod:`~lungscreen.training.contrastive`:
   X-ray sources (Trivedi et al., PLoS ONE 2022).
 * the SimCLR projection head (:class:`~lungscreen.training.contrastive.Pretrainer`).
 
+With ``mode="confusion"`` the head learns the sources on detached features, and the encoder is pushed to make
+that head's answer uniform (Tzeng et al. 2015; Alvi et al. 2018, "Turning a blind eye"): a reversed gradient
+can be satisfied by *flipping* what the head reads (the head then names the wrong hospital every time and
+the source is as easy to read as before), a uniform answer only by dropping it.
+
 The reversal's strength follows Ganin & Lempitsky's schedule over the stage's progress ``p`` in [0, 1]:
 ``weight * (2 / (1 + exp(-gamma * p)) - 1)``, 0 at the start (the head first learns to see the sources) and
 close to ``weight`` from the middle on.
@@ -66,6 +71,17 @@ class _ReverseGradient(torch.autograd.Function):
         return -ctx.strength * grad, None
 
 
+class GradientScale(nn.Module):
+    """Identity forward; the gradient times ``factor`` backward (the confusion term's ramp)."""
+
+    def __init__(self, factor: float = 0.0) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, features: Tensor) -> Tensor:
+        return _ReverseGradient.apply(features, -self.factor)
+
+
 class GradientReversal(nn.Module):
     """The gradient-reversal layer: passes features on, sends the gradient back reversed and scaled."""
 
@@ -91,31 +107,45 @@ class SiteAdversary(TrainingHead):
         classes: the classifier's number of classes (blocks of the class-conditional head).
         class_conditional: one block of source logits per class (else one block).
         hidden_dim: width of the head's hidden layer.
-        weight: the reversal's final strength.
+        weight: the reversal's (or the confusion term's) final strength.
         gamma: steepness of the ramp.
+        mode: ``"reversal"`` or ``"confusion"`` (module docstring).
     """
 
     def __init__(self, backbone: nn.Module, *, sources: Sequence[str], classes: int, class_conditional: bool = True,
-                 hidden_dim: int = 128, weight: float = 1.0, gamma: float = 10.0) -> None:
+                 hidden_dim: int = 128, weight: float = 1.0, gamma: float = 10.0, mode: str = "reversal") -> None:
         super().__init__()
+        if mode not in ("reversal", "confusion"):
+            raise ValueError(f"adversary mode must be 'reversal' or 'confusion', got {mode!r}")
         if not hasattr(backbone, "features") or not hasattr(backbone, "classifier"):
             raise ValueError(f"{type(backbone).__name__} has no features()/classifier: a site adversary needs "
                              "a zoo classifier")
         self.backbone = backbone
         self.sources = list(sources)
         self.blocks = classes if class_conditional else 1
-        self.weight, self.gamma = weight, gamma
-        self.reversal = GradientReversal(0.0)
+        self.weight, self.gamma, self.mode = weight, gamma, mode
+        self.reversal = GradientReversal(0.0) if mode == "reversal" else GradientScale(0.0)
         width = embedding_width(backbone)
         self.head = nn.Sequential(nn.Linear(width, hidden_dim), nn.ReLU(inplace=True),
                                   nn.Linear(hidden_dim, self.blocks * len(self.sources)))
 
     def set_progress(self, progress: float) -> None:
-        self.reversal.strength = ganin_ramp(progress, self.weight, self.gamma)
+        strength = ganin_ramp(progress, self.weight, self.gamma)
+        if self.mode == "reversal":
+            self.reversal.strength = strength
+        else:
+            self.reversal.factor = strength
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         features = self.backbone.features(images)
-        return {"output": self.backbone.classifier(features), "site": self.head(self.reversal(features))}
+        out = {"output": self.backbone.classifier(features)}
+        if self.mode == "reversal":
+            out["site"] = self.head(self.reversal(features))
+            return out
+        out["site"] = self.head(features.detach())  # the head learns the sources; the encoder is not told
+        frozen = {name: value.detach() for name, value in self.head.named_parameters()}
+        out["confusion"] = torch.func.functional_call(self.head, frozen, (self.reversal(features),))
+        return out
 
     def layer_groups(self) -> list[nn.Module]:
         """The backbone's groups, its classifier and the adversary's head trained together as the last."""
@@ -164,17 +194,23 @@ class SiteAdversaryObjective(Objective):
         return blocks[torch.arange(len(logits)), batch["label"].long()]
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
-        return self.classifier.loss(outputs["output"], batch) + self.site_loss(outputs["site"], batch)
+        loss = self.classifier.loss(outputs["output"], batch) + self.site_loss(outputs["site"], batch)
+        if "confusion" in outputs:  # the encoder's term: the (frozen) head's answer towards uniform
+            loss = loss + self.site_loss(outputs["confusion"], batch, uniform=True)
+        return loss
 
-    def site_loss(self, logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        """Cross-entropy of the source within each image's class, every (class, source) cell of the batch
-        weighted alike: a head that only names each class's most common source earns nothing, so it must
-        find what tells the sources apart, and the encoder learns to hide exactly that."""
+    def site_loss(self, logits: Tensor, batch: Mapping[str, Any], *, uniform: bool = False) -> Tensor:
+        """Cross-entropy of the source within each image's class (against the uniform answer when
+        ``uniform``), every (class, source) cell of the batch weighted alike: a head that only names each
+        class's most common source earns nothing, so it must find what tells the sources apart, and the
+        encoder learns to hide exactly that."""
         targets = self.site_targets(batch).to(logits.device)
         known = targets >= 0
         if not known.any():
             return logits.sum() * 0.0
-        losses = nn.functional.cross_entropy(self.site_logits(logits, batch)[known], targets[known], reduction="none")
+        chosen = self.site_logits(logits, batch)[known]
+        losses = (-nn.functional.log_softmax(chosen, dim=1).mean(dim=1) if uniform
+                  else nn.functional.cross_entropy(chosen, targets[known], reduction="none"))
         classes = batch["label"].to(logits.device)[known] if self.class_conditional else torch.zeros_like(targets[known])
         cells = classes * self.count + targets[known]
         _, inverse, counts = torch.unique(cells, return_inverse=True, return_counts=True)

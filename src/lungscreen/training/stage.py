@@ -114,7 +114,7 @@ def training_network(stage: StageConfig, plan: StagePlan, model, train_frame: pd
         adversary = stage.adversary
         return SiteAdversary(model, sources=site_names(train_frame), classes=len(plan.task.classes),
                              class_conditional=adversary.class_conditional, hidden_dim=adversary.hidden_dim,
-                             weight=adversary.weight, gamma=adversary.gamma)
+                             weight=adversary.weight, gamma=adversary.gamma, mode=adversary.mode)
     return model
 
 
