@@ -11,6 +11,10 @@ refusals before it (a blank film, no lungs found).
     nice .venv/bin/python benchmarks/ood.py --run shipped=benchmarks/cache/runs/covid-resnet-cpu-... \\
         --run demo=lungscreen-demo/run [--per-kind 20]
 
+A run trained without a gate (``gate.enabled=false``, as the generalization study's) gets one fitted here
+exactly as training's last step fits it (``fit_gate_for``: up to 2,000 training images, the limits on the
+validation split of the run's manifest), stored in a copy under ``benchmarks/cache/ood/NAME``.
+
 Writes ``benchmarks/results/ood.json``.
 """
 
@@ -42,6 +46,37 @@ def wilson(successes: int, total: int, z: float = 1.96) -> dict[str, float]:
 
 def refused(table: pd.DataFrame) -> pd.Series:
     return table["error"].astype(str) != ""
+
+
+def with_gate(name: str, run: Path, manifest: Path) -> Path:
+    """``run`` itself when its best.pt holds a gate, else a copy with the gate training would have fitted."""
+    import shutil
+
+    from lungscreen.audit.evaluate import run_task
+    from lungscreen.data.manifest import FRONTAL_VIEWS, for_task, load_manifest
+    from lungscreen.inference.gate import TARGET as GATE_TARGET
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.inference.scoring import fit_gate_for, original_images
+    from lungscreen.models import load_checkpoint, save_checkpoint
+
+    if Predictor(run).spec.gate is not None:
+        return run
+    copy = HERE / "cache" / "ood" / name
+    if not (copy / "best.pt").exists() or Predictor(copy).spec.gate is None:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run, copy)
+        predictor = Predictor(copy)
+        views = FRONTAL_VIEWS if predictor.spec.modality == "CXR" else None
+        frame = original_images(for_task(load_manifest(manifest), run_task(predictor),
+                                         modality=predictor.spec.modality, views=views))
+        train = frame[frame["split"] == "train"]
+        gate = fit_gate_for(predictor, train.sample(n=min(2000, len(train)), random_state=0),
+                            frame[frame["split"] == "val"], target=GATE_TARGET,
+                            chosen_on="val split (fitted after training by benchmarks/ood.py)")
+        checkpoint = load_checkpoint(copy / "best.pt")
+        save_checkpoint(copy / "best.pt", checkpoint.model, spec=checkpoint.spec.with_gate(gate),
+                        extra=checkpoint.meta.get("extra"))
+    return copy
 
 
 def measure(run: Path, manifest: Path, per_kind: int) -> dict[str, Any]:
@@ -85,8 +120,9 @@ def main() -> None:
         name, run = item.split("=", 1)
         manifest = Path(manifests.get(name, HERE / "cache" / "shared-manifest.parquet"))
         print(f"== {name}: {run}", flush=True)
-        results.setdefault("models", {})[name] = {**measure(Path(run), manifest, args.per_kind),
-                                                  "manifest": shown(manifest)}
+        gated = with_gate(name, Path(run), manifest)
+        results.setdefault("models", {})[name] = {**measure(gated, manifest, args.per_kind),
+                                                  "trained": shown(Path(run).resolve()), "manifest": shown(manifest)}
         TARGET.parent.mkdir(parents=True, exist_ok=True)
         TARGET.write_text(json.dumps(results, indent=2, default=float) + "\n")
         print(json.dumps({k: v for k, v in results["models"][name].items() if k != "gate"}, indent=1, default=float))

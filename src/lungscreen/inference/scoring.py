@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,9 @@ from lungscreen.errors import LungscreenError
 from lungscreen.inference.predict import Predictor
 from lungscreen.io.images import read_image
 from lungscreen.preprocessing import Sample
+
+if TYPE_CHECKING:
+    from lungscreen.models.inference_spec import OodGate
 
 #: Manifest columns the table carries over when the rows have them.
 CARRIED = ("image_path", "patient_id", "source", "label", "split", "dup_group")
@@ -113,6 +117,21 @@ def gate_inputs(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 3
         features.append(embedding)
     return (np.concatenate(features) if features else np.zeros((0, 0)), [predictor.distance(s) for s in samples],
             [lung_statistics(s) for s in samples])
+
+
+def fit_gate_for(predictor: Predictor, train: pd.DataFrame, val: pd.DataFrame, *, target: float,
+                 chosen_on: str) -> OodGate:
+    """The OOD gate of ``predictor``'s model: the embedding's Gaussian on the ``train`` rows' images, the
+    limits on the ``val`` rows' (training's last step, and a finished run's gate fitted afterwards).
+
+    Raises:
+        ValueError: too few images to fit it on.
+    """
+    from lungscreen.inference.gate import fit_gate
+
+    train_features, _, _ = gate_inputs(predictor, train)
+    val_features, intensity, lungs = gate_inputs(predictor, val)
+    return fit_gate(train_features, val_features, intensity, lungs, target=target, chosen_on=chosen_on)
 
 
 def original_images(rows: pd.DataFrame) -> pd.DataFrame:

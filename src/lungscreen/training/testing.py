@@ -139,9 +139,9 @@ def fit_run_gate(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
     """Fit best.pt's out-of-distribution gate (:mod:`lungscreen.inference.gate`): the embedding's Gaussian on
     (up to ``gate.train_images`` of) the training images, the limits on the validation images; store it in
     best.pt's inference spec and say what it refuses of validation."""
-    from lungscreen.inference.gate import fit_gate, gate_report
+    from lungscreen.inference.gate import gate_report
     from lungscreen.inference.predict import Predictor
-    from lungscreen.inference.scoring import gate_inputs
+    from lungscreen.inference.scoring import fit_gate_for
 
     wanted = context.config.gate
     if not wanted.enabled or isinstance(plan.task, dict) or plan.task.kind not in ("multiclass", "multilabel"):
@@ -154,10 +154,7 @@ def fit_run_gate(context: RunContext, plan: StagePlan) -> dict[str, Any] | None:
     train = train.sample(n=min(wanted.train_images, len(train)), random_state=context.config.seed)
     val = original_images(plan.frames[plan.data.val_split])
     try:
-        train_features, _, _ = gate_inputs(predictor, train)
-        val_features, intensity, lungs = gate_inputs(predictor, val)
-        gate = fit_gate(train_features, val_features, intensity, lungs, target=wanted.target,
-                        chosen_on=f"{plan.data.val_split} split")
+        gate = fit_gate_for(predictor, train, val, target=wanted.target, chosen_on=f"{plan.data.val_split} split")
     except ValueError as error:
         say(f"  no OOD gate: {error}")
         return None
