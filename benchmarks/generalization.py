@@ -146,8 +146,10 @@ def audited(run: Path, manifest: Path, *, split: str, sources: list[str] | None 
             "masking": result.masking, "warnings": result.warnings}
 
 
-def left_out(manifest: Path, name: str, overrides: list[str], held_out: list[str]) -> dict[str, Any]:
-    """Binary COVID-19 against the rest, each of ``held_out`` left out of training in turn."""
+def left_out(manifest: Path, name: str, overrides: list[str], held_out: list[str], *,
+             audit: bool = True) -> dict[str, Any]:
+    """Binary COVID-19 against the rest, each of ``held_out`` left out of training in turn (each run audited
+    on its training sources' test splits unless ``audit`` is False)."""
     from lungscreen.audit.cross import cross_dataset
 
     folder = CACHE / f"cross-{name}"
@@ -159,8 +161,9 @@ def left_out(manifest: Path, name: str, overrides: list[str], held_out: list[str
         run = Path(result.runs[source])
         training = sorted({c["tested"] for c in result.cells if c["left_out"] == source and c["same_source"]})
         out["sources"][source] = {"run": shown(run), "images": cell["images"], "patients": cell["patients"],
-                                  "single_class": cell["single_class"], "figures": cell["figures"],
-                                  "audit": audited(run, manifest, split="test", sources=training)}
+                                  "single_class": cell["single_class"], "figures": cell["figures"]}
+        if audit:
+            out["sources"][source]["audit"] = audited(run, manifest, split="test", sources=training)
     ranked = [out["sources"][s]["figures"]["balanced_accuracy"]["value"] for s in RANKED if s in out["sources"]]
     out["mean_left_out_balanced_accuracy"] = float(np.mean(ranked)) if len(ranked) == len(RANKED) else None
     return out
@@ -231,11 +234,11 @@ def measure(results: dict[str, Any], manifest: Path, row: str, levers: list[str]
     measured = entry["seeds"].setdefault(str(seed), {})
     print(f"== {name}", flush=True)
     started = time.perf_counter()
-    if "internal" not in measured:
+    if "internal" not in measured and args.internal:
         measured["internal"] = internal(manifest, name, overrides)
         save(results)
     if "left_out" not in measured or set(held_out) - set(measured["left_out"]["sources"]):
-        measured["left_out"] = left_out(manifest, name, overrides, held_out)
+        measured["left_out"] = left_out(manifest, name, overrides, held_out, audit=args.left_out_audits)
         save(results)
     measured.setdefault("seconds", round(time.perf_counter() - started, 1))
     results["winner"] = winner(results)
@@ -250,6 +253,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the recipe's)")
+    parser.add_argument("--no-internal", dest="internal", action="store_false",
+                        help="run the left-out sources only (the rule's figure), no internal run and audit")
+    parser.add_argument("--no-left-out-audits", dest="left_out_audits", action="store_false",
+                        help="audit only the internal run of each row (the left-out runs' audits cost minutes each)")
     parser.add_argument("--full", action="store_true", help="also leave NIH's negatives (a specificity-only row) "
                         "and Figure 1 (too small to rank on) out; the shipped and the chosen rows")
     parser.add_argument("--adabn", action="store_true", help="AdaBN on the left-out sources of the rows run")
