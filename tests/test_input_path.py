@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 from scipy.ndimage import gaussian_filter
+from torch import nn
 
 from lungscreen.data.labels import TASKS
 from lungscreen.data.phantoms import render_phantom

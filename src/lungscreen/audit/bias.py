@@ -429,7 +429,7 @@ def audit_page(result: AuditResult, run: str):  # noqa: ANN201 - lungscreen.audi
                    f"interval above chance; lung attention fires when the median ratio of the maps of "
                    f"{f'the {result.focus} images' if result.focus else 'all images'} is below "
                    f"{limits.attention_ratio:.1f} (1 = a map spread evenly); "
-                   f"masking fires when the model keeps {limits.retained_skill:.0%} of its skill ({result.masking.get('measure', 'macro AUC')} "
+                   f"masking fires when the model keeps {limits.retained_skill:.0%} of its skill ({result.masking['measure']} "
                    f"above 0.5) with the lungs hidden, if it has at least {limits.min_skill:.2f} to begin with. A check that "
                    "cannot be judged (too little skill, a single source) leaves the verdict amber, never green.")
     page.section("(a) The embedding by source and by label (t-SNE)")
