@@ -24,6 +24,12 @@ def run(name: str, raw: dict[str, Any], cache: Path) -> tuple[Path, float | None
     return folder, round(time.perf_counter() - started, 1)
 
 
-def shown(folder: Path) -> str:
-    """A run folder as written in a results JSON: relative to the repository when inside it."""
-    return str(folder.relative_to(REPOSITORY)) if folder.is_relative_to(REPOSITORY) else str(folder)
+def shown(path: str | Path) -> str:
+    """A path as written in a results JSON, never a machine's absolute one: relative to the repository when
+    inside it, ``~/...`` under the home folder, else its name and where it lay (a temporary folder)."""
+    path = Path(path).resolve()
+    if path.is_relative_to(REPOSITORY):
+        return str(path.relative_to(REPOSITORY))
+    if path.is_relative_to(Path.home()):
+        return str(Path("~") / path.relative_to(Path.home()))
+    return f"{path.name} (outside the repository)"

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from cached_runs import shown
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -102,7 +103,8 @@ def main() -> None:
         started = time.perf_counter()
         best = train_lung_model(manifest, model_path, run_dir=args.run_dir, overrides=[f"threads={args.threads}"])
         training = {"recipe": "lung-unet-cpu", "wall_seconds": round(time.perf_counter() - started, 1),
-                    "best": best, "run": str(args.run_dir)}
+                    "best": {**best, "installed": shown(best["installed"])} if "installed" in best else best,
+                    "run": shown(args.run_dir)}
         print(f"trained in {training['wall_seconds']:.0f} s: validation Dice {best['value']:.4f}")
     rows = evaluation_rows(load_manifest(manifest), args.split)
     unet = UNetSegmenter.from_checkpoint(model_path)
@@ -137,8 +139,8 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
                     "torch": torch.__version__, "load_average_before": load_before,
                     "load_average_after": os.getloadavg()},
-        "manifest": str(manifest),
-        "model": {"path": str(model_path), "sha256": unet.weights_sha256, "input_size": unet.input_size,
+        "manifest": shown(manifest),
+        "model": {"path": shown(model_path), "sha256": unet.weights_sha256, "input_size": unet.input_size,
                   "kwargs": unet.checkpoint.meta.get("kwargs"), "spec": unet.spec.model_dump(mode="json"),
                   "best": unet.checkpoint.meta.get("extra", {}).get("best")},
         "training": training,

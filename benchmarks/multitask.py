@@ -152,7 +152,7 @@ def transfer(base: dict[str, Any], starts: dict[str, Path | None], source: str, 
         raw["model"]["reset_head"] = start is not None
         raw["monitor"] = {"metric": "val/findings/auc/COVID-19"}
         folder, seconds = run(f"transfer-{name}", raw, cache)
-        out[name] = {"run": shown(folder), "init_from": str(start) if start else None,
+        out[name] = {"run": shown(folder), "init_from": shown(start) if start else None,
                      "wall_seconds": seconds, "figures": test_figures(folder, TRANSFER_FIGURES)}
     return out
 
@@ -170,7 +170,7 @@ def main() -> None:
     overrides = [f"data.manifest={args.manifest.resolve()}", *args.overrides]
     base = recipe(overrides)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results.update({"recipe": RECIPE, "manifest": str(args.manifest), "overrides": args.overrides,
+    results.update({"recipe": RECIPE, "manifest": shown(args.manifest), "overrides": args.overrides,
                     "machine": {"cpus": os.cpu_count()}})
     parts = args.only.split(",")
     if "protocol" in parts:

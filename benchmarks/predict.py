@@ -236,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results.update({"manifest": str(args.manifest), "batch": BATCH,
+    results.update({"manifest": shown(args.manifest), "batch": BATCH,
                     "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}})
     results.setdefault("models", {})
     for name in args.only.split(","):
