@@ -145,12 +145,16 @@ class State:
 
     def scanned(self, model: str, study: str, instances: int) -> None:
         table, sa = self.tables["studies"], self.sa
-        with self._opened(write=True) as connection:
-            done = connection.execute(sa.update(table).where(table.c.model == model, table.c.study_instance_uid == study)
-                                      .values(instances=instances, scanned=time.time()))
-            if done.rowcount == 0:
-                connection.execute(sa.insert(table).values(model=model, study_instance_uid=study, instances=instances,
-                                                           scanned=time.time()))
+        update = (sa.update(table).where(table.c.model == model, table.c.study_instance_uid == study)
+                  .values(instances=instances, scanned=time.time()))
+        try:
+            with self._opened(write=True) as connection:
+                if connection.execute(update).rowcount == 0:
+                    connection.execute(sa.insert(table).values(model=model, study_instance_uid=study,
+                                                               instances=instances, scanned=time.time()))
+        except sa.exc.IntegrityError:  # another worker recorded the study between our update and insert
+            with self._opened(write=True) as connection:
+                connection.execute(update)
 
     # ----- the queue -------------------------------------------------------------------------------
 
