@@ -133,7 +133,7 @@ def test_the_adversary_gradient_reaches_the_encoder_reversed():
 
     def gradients(strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         adversary.zero_grad()
-        adversary.reversal.strength = strength
+        adversary.gradient.factor = -strength  # the reversal layer
         outputs = adversary(batch["image"])
         site = torch.nn.functional.cross_entropy(objective.site_logits(outputs["site"], batch),
                                                  objective.site_targets(batch))
@@ -161,7 +161,7 @@ def test_the_confusion_mode_trains_the_head_on_the_sources_and_the_encoder_towar
 
     def gradients(factor: float, term: str) -> tuple[torch.Tensor, torch.Tensor]:
         adversary.zero_grad()
-        adversary.reversal.factor = factor
+        adversary.gradient.factor = factor
         outputs = adversary(batch["image"])
         loss = objective.site_loss(outputs["site"], batch) if term == "site" else \
             objective.site_loss(outputs["confusion"], batch, uniform=True)

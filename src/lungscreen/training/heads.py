@@ -58,39 +58,29 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, TrainingHead) else model
 
 
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward; the gradient times ``-strength`` backward."""
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` backward."""
 
     @staticmethod
-    def forward(ctx: Any, features: Tensor, strength: float) -> Tensor:  # noqa: ANN401
-        ctx.strength = strength
+    def forward(ctx: Any, features: Tensor, factor: float) -> Tensor:  # noqa: ANN401
+        ctx.factor = factor
         return features.view_as(features)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN401
-        return -ctx.strength * grad, None
+        return ctx.factor * grad, None
 
 
 class GradientScale(nn.Module):
-    """Identity forward; the gradient times ``factor`` backward (the confusion term's ramp)."""
+    """Passes features on and sends the gradient back times ``factor``: negative, Ganin's gradient-reversal
+    layer; positive, the confusion term's ramp."""
 
     def __init__(self, factor: float = 0.0) -> None:
         super().__init__()
         self.factor = factor
 
     def forward(self, features: Tensor) -> Tensor:
-        return _ReverseGradient.apply(features, -self.factor)
-
-
-class GradientReversal(nn.Module):
-    """The gradient-reversal layer: passes features on, sends the gradient back reversed and scaled."""
-
-    def __init__(self, strength: float = 0.0) -> None:
-        super().__init__()
-        self.strength = strength
-
-    def forward(self, features: Tensor) -> Tensor:
-        return _ReverseGradient.apply(features, self.strength)
+        return _ScaleGradient.apply(features, self.factor)
 
 
 def ganin_ramp(progress: float, weight: float = 1.0, gamma: float = 10.0) -> float:
@@ -124,27 +114,24 @@ class SiteAdversary(TrainingHead):
         self.sources = list(sources)
         self.blocks = classes if class_conditional else 1
         self.weight, self.gamma, self.mode = weight, gamma, mode
-        self.reversal = GradientReversal(0.0) if mode == "reversal" else GradientScale(0.0)
+        self.gradient = GradientScale(0.0)  # the ramp sets its factor (reversed in mode "reversal")
         width = embedding_width(backbone)
         self.head = nn.Sequential(nn.Linear(width, hidden_dim), nn.ReLU(inplace=True),
                                   nn.Linear(hidden_dim, self.blocks * len(self.sources)))
 
     def set_progress(self, progress: float) -> None:
         strength = ganin_ramp(progress, self.weight, self.gamma)
-        if self.mode == "reversal":
-            self.reversal.strength = strength
-        else:
-            self.reversal.factor = strength
+        self.gradient.factor = -strength if self.mode == "reversal" else strength
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         features = self.backbone.features(images)
         out = {"output": self.backbone.classifier(features)}
         if self.mode == "reversal":
-            out["site"] = self.head(self.reversal(features))
+            out["site"] = self.head(self.gradient(features))
             return out
         out["site"] = self.head(features.detach())  # the head learns the sources; the encoder is not told
         frozen = {name: value.detach() for name, value in self.head.named_parameters()}
-        out["confusion"] = torch.func.functional_call(self.head, frozen, (self.reversal(features),))
+        out["confusion"] = torch.func.functional_call(self.head, frozen, (self.gradient(features),))
         return out
 
     def layer_groups(self) -> list[nn.Module]:
