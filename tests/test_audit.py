@@ -190,8 +190,12 @@ def test_evaluate_and_audit_commands(clean, tmp_path, capsys, monkeypatch):
 
     assert cli("evaluate", run, "--on", manifest, "--out", tmp_path / "e", "--resamples", "100") == 0
     assert {"metrics.json", "predictions.csv", "report.html"} <= {p.name for p in (tmp_path / "e").iterdir()}
-    assert cli("audit", run, "--on", manifest, "--out", tmp_path / "a", "--max-images", "40") == 0
-    assert json.loads((tmp_path / "a" / "audit.json").read_text())["verdict"] in (
-        "no shortcut found", "shortcut suspected", "not enough skill to judge")
+    assert cli("audit", run, "--on", manifest, "--out", tmp_path / "a", "--max-images", "40",
+               "--lungs", "classical") == 0
+    written = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert written["verdict"] in ("no shortcut found", "shortcut suspected", "not enough skill to judge")
+    assert written["lung_masks"].startswith("classical")  # --lungs chose who draws them, not the run
+    assert cli("audit", run, "--on", manifest, "--out", tmp_path / "b", "--lungs", tmp_path / "none.pt") == 2
+    assert "--lungs" in capsys.readouterr().err
     assert cli("evaluate", run, "--on", manifest, "--split", "train", "--out", tmp_path / "t") == 2
     assert "training set" in capsys.readouterr().err  # its own training patients are refused

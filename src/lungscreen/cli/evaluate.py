@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -90,6 +91,21 @@ def evaluate(
     err.print(f"report -> {escape(str(paths['report']))}")
 
 
+def _lung_segmenter(choice: str) -> Any:
+    """The segmenter ``--lungs`` names (None: the run's own)."""
+    from lungscreen.errors import ConfigError
+    from lungscreen.lungs.step import SegmentLungs
+
+    if choice == "run":
+        return None
+    if choice in ("unet", "classical"):
+        return SegmentLungs(method=choice).resolved().segmenter()
+    path = Path(choice)
+    if not path.is_file():
+        raise ConfigError(f"--lungs: {choice!r} is neither run, unet, classical nor a lung model file")
+    return SegmentLungs(method="onnx" if path.suffix == ".onnx" else "unet", model=str(path)).resolved().segmenter()
+
+
 def audit(
     run: Path = typer.Argument(..., help="Run folder (with best.pt) or a checkpoint file."),
     on: Path = typer.Option(..., "--on", help="Manifest whose held-out images to audit on."),
@@ -102,6 +118,9 @@ def audit(
     method: str = typer.Option("gradcam", help="CAM method of the attention check: gradcam, gradcam++, scorecam, "
                                "eigencam."),
     seed: int = typer.Option(0, help="Seed of the image sample, the probe's folds and t-SNE."),
+    lungs: str = typer.Option("run", help="Who draws the lungs for the attention and masking checks: 'run' (the "
+                              "run's own pipeline, else the installed U-Net), 'unet', 'classical' (thresholding: "
+                              "for drawn phantoms), or a lung model file (.pt, or .onnx from lungscreen export)."),
 ) -> None:
     """Does the model read the lungs or the hospital? audit.html (verdict first) and audit.json.
 
@@ -117,6 +136,7 @@ def audit(
     ```
     lungscreen audit runs/covid-resnet-cpu --on M.parquet --out audit
     lungscreen audit runs/covid-resnet-cpu --on M.parquet --out audit --max-images 150
+    lungscreen audit runs/demo --on phantoms.parquet --out audit --lungs classical
     ```
     """
     from lungscreen.audit.bias import audit as run_audit, write_audit
@@ -128,12 +148,13 @@ def audit(
 
     ensure_folder(out_dir, mkdir)
     check_method(method, "--method")
+    segmenter = _lung_segmenter(lungs)
     predictor = Predictor(run)
     rows = evaluation_rows(predictor, load_manifest(on), None if split == "all" else split, _sources(sources))
     with progress_bar() as bar:
         job = bar.add_task("auditing", total=min(len(rows), max_images))
         result = run_audit(predictor, rows, max_images=max_images, method=method, seed=seed,
-                           progress=lambda done: bar.update(job, completed=done))
+                           progress=lambda done: bar.update(job, completed=done), segmenter=segmenter)
     paths = write_audit(result, out_dir, str(predictor.checkpoint.path))
     print_verdict(err, result)
     err.print(f"audit -> {escape(str(paths['html']))}")
