@@ -1,19 +1,20 @@
 """Which recipe reads the lungs and not the hospital? The site-robust study that picks the shipped CXR recipe.
 
-Rows: the shipped recipe (``covid-resnet-cpu``, pipeline ``lungcrop`` with the lung U-Net), each lever of
-site-robust training alone on it, and the best combination:
+Rows: the baseline (``covid-resnet-cpu`` as it was before this study: pipeline ``lungcrop`` with the lung U-Net,
+``augment: light``), each lever of site-robust training alone on it, and combinations, named by their levers
+joined with ``+`` (``acquisition+simclr``):
 
 ==========================  ====================================================================================
 row                         recipe change
 ==========================  ====================================================================================
-shipped                     none
+baseline                    none
 balance-exclude             ``data.balance: {method: source_label, partial_sources: exclude}``
 balance-weight              ``data.balance: {method: source_label, partial_sources: weight, partial_share: 0.1}``
 acquisition                 ``data.augment: acquisition``
 spectral                    ``loss.spectral_decoupling: 0.01`` (no search: the middle of Pezeshki et al.'s range)
 adversary                   ``adversary: {weight: 1.0, mode: confusion}`` (class-conditional site adversary, Ganin's ramp)
 simclr                      a SimCLR stage on every chest X-ray of the run's sources but the test split first
-combined                    the levers whose row beat ``shipped`` on the rule below, together
+combined                    the levers whose row beat ``baseline`` on the rule below, together
 ==========================  ====================================================================================
 
 For every row and seed:
@@ -22,11 +23,11 @@ For every row and seed:
   sources (COVID-19 sensitivity, PPV, balanced accuracy, AUC with 95 % patient-bootstrap intervals), and the
   bias audit of that run (within-class source probe, masking test, verdict);
 * **left-out sources**: binary COVID-19 against the rest, each source holding both classes left out in turn
-  (Cohen, the Radiography Database; for the shipped and the chosen rows, ``--full``, also Figure 1, too
+  (Cohen, the Radiography Database; for the baseline and the chosen rows, ``--full``, also Figure 1, too
   small to rank on, and NIH's negatives as a specificity-only row): balanced accuracy, AUC, sensitivity and specificity on the left-out
   source at the threshold chosen on the training sources' validation split (``lungscreen evaluate
   --cross``), and each left-out run's own audit on its training sources' test splits;
-* for the shipped and the chosen rows, **AdaBN** (``lungscreen adapt``) on each left-out source's unlabelled
+* for the baseline and the chosen rows, **AdaBN** (``lungscreen adapt``) on each left-out source's unlabelled
   images, at the source's own case mix and at COVID-19 prevalences 0.1, 0.5 and 0.9 of the adaptation set.
 
 The rule: the best mean left-out balanced accuracy over Cohen and the Radiography Database (the mean over
@@ -40,7 +41,7 @@ Budget: ``--size`` px for ``--epochs`` epochs (defaults 128 and 8; the full reci
 about 27 minutes a run on two quiet cores, and this study trains about fifty). The chosen recipe is then
 run at full budget by ``benchmarks/train.py``.
 
-    nice .venv/bin/python benchmarks/generalization.py [--rows shipped,adversary] [--seeds 0,1,2] [--full]
+    nice .venv/bin/python benchmarks/generalization.py [--rows baseline,adversary,acquisition+simclr] [--seeds 0,1,2] [--full]
 
 Writes ``benchmarks/results/generalization.json`` after every run (finished runs are reused from
 ``benchmarks/cache/generalization/``, an interrupted one resumes). The lung U-Net is the one shipped with
@@ -71,10 +72,12 @@ SMALL = "figure1"
 PREVALENCES = (0.1, 0.5, 0.9)
 SIMCLR_EPOCHS = 4
 
-#: Each lever as recipe overrides (``--set`` syntax) on the one-stage shipped recipe; "simclr" (a stage in front)
-#: is built in lever_overrides.
+#: The recipe as it was before this study chose a lever (``covid-resnet-cpu`` with ``augment: light``): every row
+#: starts from it, whatever the shipped recipe became.
+BASELINE = ["data.augment=light"]
+#: Each lever as recipe overrides (``--set`` syntax) on the baseline; "simclr" (a stage in front) is built in
+#: lever_overrides.
 LEVERS: dict[str, list[str]] = {
-    "shipped": [],
     "balance-exclude": ["data.balance={method: source_label, partial_sources: exclude}"],
     "balance-weight": ["data.balance={method: source_label, partial_sources: weight, partial_share: 0.1}"],
     "acquisition": ["data.augment=acquisition"],
@@ -97,20 +100,30 @@ def preprocessed(manifest: Path) -> Path:
 
 
 def lever_overrides(levers: list[str], size: int, epochs: int, seed: int, threads: int | None = None) -> list[str]:
-    """The study recipe with ``levers`` put in (a SimCLR stage goes first, the others change the last stage)."""
-    base = [f"stages.0.image_size={size}", f"stages.0.epochs={epochs}", f"seed={seed}", "gate.enabled=false",
-            *([f"threads={threads}"] if threads else [])]
+    """The study recipe (the baseline at the study budget) with ``levers`` put in: a SimCLR stage goes first,
+    ``data.*`` changes apply to the whole recipe, the others to the (last) supervised stage."""
+    common = [f"seed={seed}", "gate.enabled=false", *BASELINE, *([f"threads={threads}"] if threads else [])]
+    budget = [f"stages.0.image_size={size}", f"stages.0.epochs={epochs}"]
     changes = [item for lever in levers for item in LEVERS[lever]]
     if "simclr" not in levers:
-        return base + changes
+        return [*common, *budget, *changes]
     from lungscreen.training.config import load_config, to_raw
 
-    stage = to_raw(load_config(RECIPE, [*base, *changes]))["stages"][0]
+    fine_tune = to_raw(load_config(RECIPE, [*common, *budget, *changes]))["stages"][0]
     simclr = {"name": "simclr", "objective": "simclr", "image_size": size, "epochs": SIMCLR_EPOCHS, "train": "all",
               "optimizer": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 1.0e-4}, "schedule": {"name": "one_cycle"},
               "loss": {}, "data": {"balance": {"method": "none"}}}
-    return [f"seed={seed}", "gate.enabled=false", *([f"threads={threads}"] if threads else []),
-            f"stages={json.dumps([simclr, stage])}"]
+    return [*common, *(c for c in changes if c.startswith("data.")), f"stages={json.dumps([simclr, fine_tune])}"]
+
+
+def levers_of(row: str) -> list[str]:
+    """A row's levers: its name split at '+' (``acquisition+simclr``), 'baseline' for none."""
+    levers = [] if row == "baseline" else row.split("+")
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {', '.join(unknown)}: rows are 'baseline', 'combined' or levers "
+                         f"joined by '+' ({', '.join(LEVERS)})")
+    return levers
 
 
 def internal(manifest: Path, name: str, overrides: list[str]) -> dict[str, Any]:
@@ -248,8 +261,9 @@ def measure(results: dict[str, Any], manifest: Path, row: str, levers: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=HERE / "cache" / "shared-manifest.parquet")
-    parser.add_argument("--rows", default=",".join(LEVERS), help="rows to run (levers by name, and 'combined')")
-    parser.add_argument("--seeds", default="0", help="seeds for the rows run (the shipped and chosen rows: 0,1,2)")
+    parser.add_argument("--rows", default=",".join(["baseline", *LEVERS]),
+                        help="rows to run: 'baseline', a lever, levers joined by '+', or 'combined'")
+    parser.add_argument("--seeds", default="0", help="seeds for the rows run (the baseline and chosen rows: 0,1,2)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the recipe's)")
@@ -258,7 +272,7 @@ def main() -> None:
     parser.add_argument("--no-left-out-audits", dest="left_out_audits", action="store_false",
                         help="audit only the internal run of each row (the left-out runs' audits cost minutes each)")
     parser.add_argument("--full", action="store_true", help="also leave NIH's negatives (a specificity-only row) "
-                        "and Figure 1 (too small to rank on) out; the shipped and the chosen rows")
+                        "and Figure 1 (too small to rank on) out; the baseline and the chosen rows")
     parser.add_argument("--adabn", action="store_true", help="AdaBN on the left-out sources of the rows run")
     args = parser.parse_args()
     if (HERE / "cache" / "lung_unet.pt").exists():  # the U-Net shipped with the package, trained here
@@ -273,7 +287,8 @@ def main() -> None:
     manifest = preprocessed(args.manifest.resolve())
     held_out = [*RANKED, *([NEGATIVES_ONLY, SMALL] if args.full else [])]
     for row in args.rows.split(","):
-        levers = combined_levers(results) if row == "combined" else [row]
+        levers = combined_levers(results) if row == "combined" else levers_of(row)
+        row = "+".join(levers) or "baseline"
         for seed in (int(s) for s in args.seeds.split(",")):
             measure(results, manifest, row, levers, seed, args, held_out)
             if args.adabn:
@@ -284,16 +299,15 @@ def main() -> None:
 
 
 def combined_levers(results: dict[str, Any]) -> list[str]:
-    """The single levers whose row beat the shipped row on the rule (one seed each)."""
+    """The single levers whose row beat the baseline on the rule."""
     ranking = {item["row"]: item["mean_left_out_balanced_accuracy"] for item in winner(results)["ranking"]}
-    shipped = ranking.get("shipped")
-    levers = [row for row, value in ranking.items() if row in LEVERS and row != "shipped" and shipped is not None
-              and value > shipped]
+    baseline = ranking.get("baseline")
+    levers = [row for row, value in ranking.items() if row in LEVERS and baseline is not None and value > baseline]
     if "balance-exclude" in levers and "balance-weight" in levers:  # one balancing at a time: the better one
         levers.remove(min(("balance-exclude", "balance-weight"), key=lambda r: ranking[r]))
     if not levers:
-        raise SystemExit("no lever beat the shipped row: nothing to combine")
-    return levers
+        raise SystemExit("no lever beat the baseline: nothing to combine")
+    return sorted(levers)
 
 
 def save(results: dict[str, Any]) -> None:
