@@ -76,6 +76,7 @@ NEGATIVES_ONLY = "nih-darkcovidnet"
 SMALL = "figure1"
 PREVALENCES = (0.1, 0.5, 0.9)
 SIMCLR_EPOCHS = 4
+ADABN_IMAGES = 600  # images of a left-out source scored per AdaBN mix
 
 #: The recipe as it was before this study chose a lever (``covid-resnet-cpu`` with ``augment: light``): every row
 #: starts from it, whatever the shipped recipe became.
@@ -204,37 +205,60 @@ def left_out(manifest: Path, name: str, overrides: list[str], held_out: list[str
 
 
 def adabn(manifest: Path, cross: dict[str, Any], name: str) -> dict[str, Any]:
-    """AdaBN on each ranked left-out source at its own case mix and at the set prevalences."""
+    """AdaBN on each ranked left-out source, unadapted ("none"), at the source's own case mix and at the set
+    prevalences, scored on up to ADABN_IMAGES of the source's images (a class-stratified sample).
+
+    The BatchNorm statistics are re-estimated as ``lungscreen adapt`` does (``reestimate_batchnorm``); each
+    image goes through the run's pipeline once and every adapted copy scores the same samples, since the
+    lung U-Net, not the classifier, is what costs minutes here. Unlike ``adapt``, the copies keep the run's
+    intensity reference (the study runs have no OOD gate, so it changes no figure)."""
     from lungscreen.audit.cross import left_out_rows
     from lungscreen.data.manifest import for_task, load_manifest
+    from lungscreen.errors import LungscreenError
     from lungscreen.evaluation.tables import figures_of
-    from lungscreen.inference.adapt import adapt_run
+    from lungscreen.inference.adapt import reestimate_batchnorm
     from lungscreen.inference.predict import Predictor
     from lungscreen.inference.scoring import original_images, score_rows, scored
+    from lungscreen.io.images import read_image
+    from lungscreen.preprocessing.model_input import to_tensor
 
     rows = for_task(load_manifest(manifest), "binary")
     out = {}
     for source in RANKED:
         run = ROOT / cross["sources"][source]["run"]
-        tested = left_out_rows(rows, source)
+        tested = original_images(left_out_rows(rows, source)).reset_index(drop=True)
+        if len(tested) > ADABN_IMAGES:
+            tested = tested.groupby("target_name", group_keys=False).sample(frac=ADABN_IMAGES / len(tested),
+                                                                           random_state=0).reset_index(drop=True)
+        base = Predictor(run)
+        prepared = {}
+        for path in tested["image_path"].astype(str):
+            try:
+                prepared[path] = base.prepare(read_image(path).pixels)
+            except LungscreenError:
+                continue
         positives, negatives = tested[tested["target_name"] == "COVID-19"], tested[tested["target_name"] != "COVID-19"]
-        mixes = {"own": tested}
-        for prevalence in PREVALENCES:  # the adaptation set at this COVID-19 share, as large as the source allows
+        mixes: dict[str, pd.DataFrame | None] = {"none": None, "own": tested}
+        for prevalence in PREVALENCES:  # the adaptation set at this COVID-19 share, as large as the sample allows
             size = int(min(len(positives) / prevalence, len(negatives) / (1 - prevalence)))
             mixes[f"{prevalence:.1f}"] = pd.concat([positives.sample(round(size * prevalence), random_state=0),
                                                      negatives.sample(size - round(size * prevalence), random_state=0)])
         entry = {}
         for mix, frame in mixes.items():
-            target = CACHE / "adapted" / f"{name}-{source}-{mix}"
-            if not (target / "best.pt").exists():
-                adapt_run(run, [Path(p) for p in original_images(frame)["image_path"]], target)
-            table = scored(score_rows(Predictor(target), original_images(tested)))
+            predictor = Predictor(run)
+            if frame is not None:
+                samples = [prepared[p] for p in frame["image_path"].astype(str) if p in prepared]
+                reestimate_batchnorm(predictor.checkpoint.model,
+                                     (to_tensor([s.image for s in samples[i:i + 32]], predictor.spec.input)
+                                      for i in range(0, len(samples), 32)))
+            table = scored(score_rows(predictor, tested, prepared=prepared))
             figures = figures_of(table, ["non-COVID", "COVID-19"], n_resamples=1000)
-            entry[mix] = {"adaptation_images": len(frame),
-                          "covid_share": round(float((frame["target_name"] == "COVID-19").mean()), 3),
+            entry[mix] = {"adaptation_images": 0 if frame is None else len(frame),
+                          "covid_share": None if frame is None else
+                          round(float((frame["target_name"] == "COVID-19").mean()), 3),
                           **{key: figures[key if key == "balanced_accuracy" else f"{key}/COVID-19"].as_dict()
                              for key in ("balanced_accuracy", "auc", "sensitivity", "specificity")}}
-        out[source] = entry
+        out[source] = {"scored_images": len(tested), "mixes": entry}
     return out
 
 

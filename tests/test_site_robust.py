@@ -232,3 +232,30 @@ def test_adapt_refuses_too_few_images(tmp_path, cli):
     code, _, err = cli("adapt", str(run), str(sorted((tmp_path / "data").glob("*.png"))[0]), "--out",
                        str(tmp_path / "adapted"))
     assert code == 2 and "at least 16" in err
+
+
+def test_score_rows_takes_samples_already_prepared(tmp_path):
+    """A run and its AdaBN copies share one pipeline: score_rows scores the samples it is given, without
+    reading or preparing their images again (the images are gone here), to the same probabilities."""
+    import shutil
+
+    from lungscreen.data.manifest import for_task, load_manifest
+    from lungscreen.inference.predict import Predictor
+    from lungscreen.inference.scoring import score_rows
+    from lungscreen.io.images import read_image
+    from lungscreen.training.config import from_dict
+    from lungscreen.training.engine import train
+    from training_fixtures import make_manifest, tiny_recipe
+
+    manifest = make_manifest(tmp_path / "data", per_class=6)
+    run = train(from_dict(tiny_recipe(manifest)), out=tmp_path / "run", quiet=True).run_dir
+    predictor = Predictor(run)
+    rows = for_task(load_manifest(manifest), "covidx")
+    rows = rows[rows["split"] == "test"].reset_index(drop=True)
+    read = score_rows(predictor, rows)
+    prepared = {path: predictor.prepare(read_image(path).pixels) for path in rows["image_path"].astype(str)}
+    shutil.rmtree(tmp_path / "data")
+    given = score_rows(predictor, rows, prepared=prepared)
+    assert (given["error"] == "").all()
+    classes = predictor.class_names
+    np.testing.assert_allclose(given[classes].to_numpy(float), read[classes].to_numpy(float), rtol=1e-5)

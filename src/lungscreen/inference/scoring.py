@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +36,8 @@ CARRIED = ("image_path", "patient_id", "source", "label", "split", "dup_group")
 
 
 def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32,
-               progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+               progress: Callable[[int], None] | None = None,
+               prepared: Mapping[str, Sample] | None = None) -> pd.DataFrame:
     """Score manifest rows (from ``for_task``, with ``target``/``target_name`` when known).
 
     Args:
@@ -44,6 +45,8 @@ def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32
         rows: manifest rows; ``image_path`` is required.
         batch_size: images per forward pass.
         progress: called with the number of rows done.
+        prepared: samples this predictor's pipeline already made, by image path (several models sharing one
+            pipeline, such as a run and its AdaBN copies, then prepare each image once).
 
     Returns:
         One row per input row, in order (see the module docstring for the columns).
@@ -73,7 +76,7 @@ def score_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 32
 
     for index, path in enumerate(table["image_path"].astype(str)):
         try:
-            sample = predictor.prepare(read_image(path).pixels)
+            sample = prepared[path] if prepared and path in prepared else predictor.prepare(read_image(path).pixels)
         except LungscreenError as error:
             errors[index] = str(error)
         else:
