@@ -162,10 +162,15 @@ def test_cross_dataset_matrix_leaves_each_source_out(clean, tmp_path):
     assert all(d["transferred_threshold"]["sensitivity"] for d in result.drops())
     paths = write_cross(result, tmp_path / "cross")
     assert json.loads(paths["json"].read_text())["runs"] and paths["report"].is_file()
-    # a finished run is reused, not trained again
-    stamp = (tmp_path / "cross" / "without-site-a" / "best.pt").stat().st_mtime_ns
-    cross_dataset(str(recipe), sites, tmp_path / "cross", held_out=["site-a"], n_resamples=100, quiet=True)
-    assert (tmp_path / "cross" / "without-site-a" / "best.pt").stat().st_mtime_ns == stamp
+    # a finished run is reused, not trained again, and so are the cells it scored on the same images
+    run_a = tmp_path / "cross" / "without-site-a"
+    stamps = {path.name: path.stat().st_mtime_ns for path in [run_a / "best.pt", *(run_a / "cells").iterdir()]}
+    assert set(stamps) == {"best.pt", "site-a.json", "site-b.json"}
+    again = cross_dataset(str(recipe), sites, tmp_path / "cross", held_out=["site-a"], n_resamples=100, quiet=True)
+    assert {path.name: path.stat().st_mtime_ns for path in [run_a / "best.pt", *(run_a / "cells").iterdir()]} == stamps
+    assert again.cells == [c for c in result.cells if c["left_out"] == "site-a"]
+    cross_dataset(str(recipe), sites, tmp_path / "cross", held_out=["site-a"], n_resamples=200, quiet=True)
+    assert (run_a / "cells" / "site-b.json").stat().st_mtime_ns != stamps["site-b.json"]  # other resamples: scored
 
 
 def test_evaluate_and_audit_commands(clean, tmp_path, capsys, monkeypatch):

@@ -97,7 +97,8 @@ def left_out_rows(rows: pd.DataFrame, left_out: str) -> pd.DataFrame:
 
 def cross_dataset(recipe: str, manifest: str | Path, out_dir: str | Path, *, held_out: Sequence[str] | None = None,
                   overrides: Sequence[str] = (), n_resamples: int = 1000, quiet: bool = False) -> CrossResult:
-    """Train one run per left-out source (or reuse a finished one in ``out_dir``) and score every cell.
+    """Train one run per left-out source (or reuse a finished one in ``out_dir``) and score every cell (or
+    reuse a cell the run scored on the same images before: ``without-SOURCE/cells/TESTED.json``).
 
     Raises:
         ConfigError: a recipe without a COVID-19 class, an unknown left-out source, or fewer than two sources.
@@ -134,14 +135,32 @@ def cross_dataset(recipe: str, manifest: str | Path, out_dir: str | Path, *, hel
             resume = run_dir if (run_dir / "config.yaml").exists() else None
             train(config, out=None if resume else run_dir, resume=resume, quiet=quiet)
         result.runs[left_out] = str(run_dir)
-        predictor = Predictor(run_dir)
+        predictor = None  # loaded when a cell is not cached
         for tested in sources:
             cell_rows = left_out_rows(rows, left_out) if tested == left_out else \
                 rows[(rows["source"] == tested) & (rows["split"] == base.data.test_split)]
             if cell_rows.empty:
                 continue
+            cached = run_dir / "cells" / f"{tested}.json"
+            key = _cell_key(cell_rows, n_resamples)
+            if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+                result.cells.append(json.loads(cached.read_text())["cell"])
+                continue
+            predictor = predictor or Predictor(run_dir)
             result.cells.append(_cell(predictor, cell_rows, left_out, tested, positive, n_resamples))
+            cached.parent.mkdir(exist_ok=True)
+            with atomic_path(cached) as temporary:
+                temporary.write_text(json.dumps({"key": key, "cell": result.cells[-1]}, indent=1) + "\n")
     return result
+
+
+def _cell_key(rows: pd.DataFrame, n_resamples: int) -> str:
+    """What a cell's figures depend on besides the finished run: its images, their labels and the resamples
+    (a cell scored again only when one of them changed: scoring runs every image through the pipeline)."""
+    import hashlib
+
+    items = sorted(zip(rows["image_path"].astype(str), rows["target"].astype(str), strict=True))
+    return hashlib.sha256(json.dumps([items, n_resamples]).encode()).hexdigest()
 
 
 def _cell(predictor: Predictor, rows: pd.DataFrame, left_out: str, tested: str, positive: str,
