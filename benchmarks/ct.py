@@ -18,8 +18,8 @@ then one lever at a time on top of whichever of the two scored better on validat
 and, when more than one lever beat its start on validation, those levers together.
 
 ``--robust``: the site-robust levers that need no second source (issue 26) on the two shipped CT recipes as
-they are (``light-ct-cpu``: body crop and the searched rates; ``ct-resnet-cpu``: SimCLR then fine-tuning):
-``shipped``, ``+acquisition`` (``data.augment: acquisition`` instead of paper 002's set) and ``+spectral``
+they were before that study (``light-ct-cpu``: body crop and the searched rates; ``ct-resnet-cpu``: SimCLR then
+fine-tuning; both with paper 002's augmentation): ``baseline``, ``+acquisition`` (``data.augment: acquisition`` instead of paper 002's set) and ``+spectral``
 (``loss.spectral_decoupling: 0.01``), three seeds each; under ``site_robust`` in the JSON. The row with the best
 validation accuracy (AUC on a tie) is marked ``chosen_on_validation``: the recipe to ship.
 
@@ -202,13 +202,17 @@ def rows_for(backbone: str, manifest: Path, overrides: list[str], cache: Path, s
     return out
 
 
-#: The site-robust levers of ``--robust`` as overrides of a shipped CT recipe (its last stage trains on labels).
-ROBUST = {"shipped": [], "+acquisition": ["data.augment=acquisition"],
+#: The shipped CT recipes as they were before the site-robust study (paper 002's augmentation): every row starts
+#: from it, whatever the study made them ship since.
+BEFORE_STUDY = ["data.augment=ct_polsinelli"]
+#: The site-robust levers of ``--robust`` as overrides of that recipe (its last stage trains on labels).
+ROBUST = {"baseline": [], "+acquisition": ["data.augment=acquisition"],
           "+spectral": ["stages.-1.loss.spectral_decoupling=0.01"]}
 
 
 def robust_rows(recipe_name: str, manifest: Path, overrides: list[str], cache: Path, seeds: list[int]) -> dict:
-    """The shipped CT recipe with each site-robust lever, over ``seeds``: per row the runs and their mean."""
+    """The CT recipe before the study with each site-robust lever, over ``seeds``: per row the runs and their
+    means; the row with the best mean validation accuracy (AUC on a tie) is ``chosen_on_validation``."""
     import numpy as np
 
     from lungscreen.training.config import load_config, to_raw
@@ -217,11 +221,11 @@ def robust_rows(recipe_name: str, manifest: Path, overrides: list[str], cache: P
     for name, changes in ROBUST.items():
         raw = to_raw(load_config(recipe_name, overrides))
         last = len(raw["stages"]) - 1
-        raw = to_raw(load_config(recipe_name, [*overrides, *(c.replace("stages.-1.", f"stages.{last}.")
-                                                              for c in changes)]))
+        raw = to_raw(load_config(recipe_name, [*overrides, *BEFORE_STUDY, *(c.replace("stages.-1.", f"stages.{last}.")
+                                                                             for c in changes)]))
         runs = []
         for seed in seeds:
-            folder, seconds = run(f"robust-{recipe_name}{name.replace('+', '-')}-seed{seed}", {**raw, "seed": seed},
+            folder, seconds = run(f"robust-{recipe_name}-{name.lstrip('+')}-seed{seed}", {**raw, "seed": seed},
                                   cache)
             runs.append(row(f"{name} seed {seed}", folder, seconds, manifest))
             print(f"{recipe_name} {name} seed {seed}: validation {runs[-1]['validation']}", flush=True)
@@ -229,6 +233,10 @@ def robust_rows(recipe_name: str, manifest: Path, overrides: list[str], cache: P
         rows[name] = {"runs": runs, "validation_mean": mean,
                       "test_mean": {key: float(np.mean([r["ucsd_test"][key]["value"] for r in runs]))
                                     for key in ("accuracy", "auc/COVID-19")}}
+    best = max(rows, key=lambda name: (rows[name]["validation_mean"]["accuracy"],
+                                       rows[name]["validation_mean"]["auc/COVID-19"]))
+    for name, entry in rows.items():
+        entry["chosen_on_validation"] = name == best
     return rows
 
 
