@@ -19,8 +19,8 @@ and, when more than one lever beat its start on validation, those levers togethe
 
 ``--robust``: the site-robust levers that need no second source (issue 26) on the two shipped CT recipes as
 they were before that study (``light-ct-cpu``: body crop and the searched rates; ``ct-resnet-cpu``: SimCLR then
-fine-tuning; both with paper 002's augmentation): ``baseline``, ``+acquisition`` (``data.augment: acquisition`` instead of paper 002's set) and ``+spectral``
-(``loss.spectral_decoupling: 0.01``), three seeds each; under ``site_robust`` in the JSON. The row with the best
+fine-tuning; both with paper 002's augmentation): ``baseline``, ``+acquisition`` (``data.augment: acquisition``
+instead of paper 002's set) and ``+spectral`` (``loss.spectral_decoupling: 0.01``), three seeds each; under ``site_robust`` in the JSON. The row with the best
 validation accuracy (AUC on a tie) is marked ``chosen_on_validation``: the recipe to ship.
 
 Every row: accuracy, AUC, COVID-19 sensitivity, specificity and F1 on the UCSD test split with 95 %

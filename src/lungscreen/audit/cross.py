@@ -143,8 +143,9 @@ def cross_dataset(recipe: str, manifest: str | Path, out_dir: str | Path, *, hel
                 continue
             cached = run_dir / "cells" / f"{tested}.json"
             key = _cell_key(cell_rows, n_resamples)
-            if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
-                result.cells.append(json.loads(cached.read_text())["cell"])
+            kept = json.loads(cached.read_text()) if cached.is_file() else {}
+            if kept.get("key") == key:
+                result.cells.append(kept["cell"])
                 continue
             predictor = predictor or Predictor(run_dir)
             result.cells.append(_cell(predictor, cell_rows, left_out, tested, positive, n_resamples))

@@ -80,6 +80,14 @@ def reestimate_batchnorm(model: Any, batches: Iterable[Any]) -> int:  # noqa: AN
     return len(layers)
 
 
+def adapt_batchnorm(predictor: Any, samples: Sequence[Any], *, batch_size: int = 32) -> int:  # noqa: ANN401
+    """AdaBN in place: the predictor's BatchNorm statistics re-estimated on ``samples`` it prepared. Returns the
+    number of layers adapted."""
+    return reestimate_batchnorm(predictor.checkpoint.model,
+                                (to_tensor([s.image for s in samples[i:i + batch_size]], predictor.spec.input)
+                                 for i in range(0, len(samples), batch_size)))
+
+
 def adapt_run(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *, batch_size: int = 32,
               progress: Callable[[int], None] | None = None) -> AdaptResult:
     """AdaBN on the images under ``inputs``; the adapted run is written to the folder ``out``.
@@ -109,10 +117,8 @@ def adapt_run(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if len(samples) < 16:
         raise ConfigError(f"IMAGES: {len(samples)} usable image(s) ({skipped} skipped); AdaBN needs at least 16 "
                           "of the new site to estimate its statistics")
-    model = predictor.checkpoint.model
-    spec = predictor.spec
-    layers = reestimate_batchnorm(model, (to_tensor([s.image for s in samples[i:i + batch_size]], spec.input)
-                                          for i in range(0, len(samples), batch_size)))
+    model, spec = predictor.checkpoint.model, predictor.spec
+    layers = adapt_batchnorm(predictor, samples, batch_size=batch_size)
     reference = intensity_reference([s.image for s in samples])
     adapted = spec.model_copy(update={"reference": reference, "gate": site_gate(predictor, samples, reference)})
     meta = predictor.checkpoint.meta
@@ -144,4 +150,4 @@ def site_gate(predictor: Any, samples: list[Any], reference: Any) -> Any:  # noq
                     target=predictor.spec.gate.target, chosen_on="the adapted site's own images")
 
 
-__all__ = ["AdaptResult", "adapt_run", "batchnorm_layers", "reestimate_batchnorm", "site_gate"]
+__all__ = ["AdaptResult", "adapt_batchnorm", "adapt_run", "batchnorm_layers", "reestimate_batchnorm", "site_gate"]
